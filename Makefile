@@ -1,0 +1,32 @@
+# Every target works on a fresh machine: the venv is made on first use.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+# CPU build of torch where no GPU is present (a plain `torch` pulls a multi-GB CUDA build).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch; \
+	else $(BIN)/pip install -q torch==2.13.0 ; fi
+	$(BIN)/pip install -q --no-build-isolation -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+demo: $(STAMP)
+	$(BIN)/spinctl demo
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_select.py
+	$(BIN)/python benchmarks/bench_patch.py
+	$(BIN)/python benchmarks/bench_score.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

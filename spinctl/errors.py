@@ -1,0 +1,17 @@
+"""Project exceptions: the CLI catches SpinctlError once and prints its message as one line."""
+
+
+class SpinctlError(Exception):
+    """A failure the user can act on; the message names the file or tensor and what to do."""
+
+
+class InputError(SpinctlError):
+    """An input file is missing, malformed, or does not match the others."""
+
+
+class OutputError(SpinctlError):
+    """The output cannot be written where it was asked for."""
+
+
+class UnsupportedError(SpinctlError):
+    """The input is well formed but spinctl cannot handle it (dtype, architecture)."""

@@ -1,0 +1,93 @@
+"""The files a patch leaves beside the weights: spin-manifest.json and the spin-undo.safetensors log."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .checkpoint import ITEMSIZE, read_shard
+from .errors import InputError
+from .fsutil import atomic_write_bytes
+
+MANIFEST = "spin-manifest.json"
+UNDO = "spin-undo.safetensors"
+
+
+def sidecar_paths(target: Path) -> tuple[Path, Path]:
+    """(manifest, undo) for a patched directory, or NAME.spin-* beside a single patched file."""
+    target = Path(target)
+    if target.is_file():
+        return target.with_name(f"{target.name}.{MANIFEST}"), target.with_name(f"{target.name}.{UNDO}")
+    return target / MANIFEST, target / UNDO
+
+
+def write_manifest(path: Path, manifest: dict) -> None:
+    atomic_write_bytes(path, (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode())
+
+
+def read_manifest(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text("utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: no manifest; this is not a checkpoint patched by spinctl") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise InputError(f"{path}: manifest is not valid JSON ({e})") from None
+    if not isinstance(data, dict) or data.get("tool") != "spinctl" or not isinstance(data.get("files"), dict):
+        raise InputError(f"{path}: not a spinctl manifest")
+    return data
+
+
+@dataclass(frozen=True)
+class UndoEntry:
+    """The original raw bytes of the zeroed elements of one tensor."""
+
+    dtype: str
+    indices: np.ndarray  # int64 [k], sorted
+    values: bytes  # k * itemsize raw bytes, in index order
+
+
+def encode_undo(entries: dict[str, UndoEntry], fingerprint: str) -> bytes:
+    """A safetensors file written by hand: numpy has no bfloat16, and the values stay raw bytes."""
+    header: dict = {"__metadata__": {"spinctl": json.dumps({"format": 1, "kind": "undo", "fingerprint": fingerprint, "version": __version__}, separators=(",", ":"))}}
+    blobs, offset = [], 0
+    for name in sorted(entries):
+        e = entries[name]
+        for key, dtype, data in ((f"indices/{name}", "I64", np.ascontiguousarray(e.indices, dtype="<i8").tobytes()),
+                                 (f"values/{name}", e.dtype, e.values)):
+            header[key] = {"dtype": dtype, "shape": [len(data) // ITEMSIZE[dtype]], "data_offsets": [offset, offset + len(data)]}
+            blobs.append(data)
+            offset += len(data)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned, as safetensors writers do
+    return len(raw).to_bytes(8, "little") + raw + b"".join(blobs)
+
+
+def write_undo(path: Path, entries: dict[str, UndoEntry], fingerprint: str) -> None:
+    atomic_write_bytes(path, encode_undo(entries, fingerprint))
+
+
+def read_undo(path: Path) -> tuple[str, dict[str, UndoEntry]]:
+    """(fingerprint, entries), validated: every tensor has indices and values of matching length."""
+    shard = read_shard(path)
+    try:
+        meta = json.loads((shard.metadata or {})["spinctl"])
+        assert meta["kind"] == "undo"
+    except (KeyError, ValueError, AssertionError, TypeError):
+        raise InputError(f"{path}: not a spinctl undo log") from None
+    names = {k.partition("/")[2] for k in shard.tensors}
+    entries = {}
+    with open(path, "rb") as f:
+        for name in sorted(names):
+            ti, tv = shard.tensors.get(f"indices/{name}"), shard.tensors.get(f"values/{name}")
+            if ti is None or tv is None or ti.dtype != "I64" or math.prod(ti.shape) != math.prod(tv.shape):
+                raise InputError(f"{path}: tensor {name} lacks matching indices and values")
+            f.seek(ti.begin)
+            idx = np.frombuffer(f.read(ti.end - ti.begin), dtype="<i8").astype(np.int64)
+            f.seek(tv.begin)
+            entries[name] = UndoEntry(tv.dtype, idx, f.read(tv.end - tv.begin))
+    return meta.get("fingerprint", ""), entries

@@ -1,0 +1,123 @@
+"""Verify a patched checkpoint against its manifest, and revert it bit for bit from its undo log."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .checkpoint import TensorEntry, other_files, read_shard
+from .errors import InputError, OutputError
+from .patch import check_output_dir, copy_other_files, run_shards
+from .progress import Reporter, Silent
+from .sidecars import UndoEntry, read_manifest, read_undo, sidecar_paths
+from .stream import Edits, file_edits, pwrite_edits, read_ranges, stream, tensor_ranges
+
+
+def _root(target: Path) -> Path:
+    return target.parent if target.is_file() else target
+
+
+def _load(target: Path) -> tuple[dict | None, dict[str, UndoEntry], dict[str, dict[str, TensorEntry]]]:
+    """(manifest or None, undo entries, file -> tensors) of a patched file or directory."""
+    target = Path(target)
+    if not target.exists():
+        raise InputError(f"{target}: no such file or directory")
+    manifest_path, undo_path = sidecar_paths(target)
+    manifest = read_manifest(manifest_path) if manifest_path.exists() else None
+    if not undo_path.exists():
+        raise InputError(f"{undo_path}: no undo log; {target} was not patched by spinctl, or was already reverted")
+    _, undo = read_undo(undo_path)
+    files = list(manifest["files"]) if manifest else [target.name] if target.is_file() else None
+    if files is None:  # an interrupted patch of a directory: find the shards the undo log names
+        files = sorted({p.name for p in target.glob("*.safetensors") if p.name != undo_path.name})
+    layout = {}
+    for rel in files:
+        if "/" in rel or rel in ("", ".", ".."):
+            raise InputError(f"{manifest_path}: file entry {rel!r} escapes the directory")
+        layout[rel] = read_shard(_root(target) / rel).tensors
+    located = {n for tensors in layout.values() for n in tensors}
+    missing = sorted(set(undo) - located)
+    if missing:
+        raise InputError(f"{undo_path}: tensor {missing[0]} is in no weight file of {target}")
+    return manifest, undo, layout
+
+
+def _edits(tensors: dict[str, TensorEntry], undo: dict[str, UndoEntry], restore: bool) -> Edits:
+    items = [(t, undo[n].indices, undo[n].values if restore else None) for n, t in tensors.items() if n in undo]
+    return file_edits(items)
+
+
+def verify(target: Path, progress: Reporter | None = None) -> dict:
+    """ok only if every manifest hash matches and every selected element reads zero."""
+    progress = progress or Silent()
+    target = Path(target)
+    manifest, undo, layout = _load(target)
+    if manifest is None:
+        raise InputError(f"{sidecar_paths(target)[0]}: no manifest; the patch was interrupted: rerun it, or revert")
+    nonzero = []
+    for rel, tensors in layout.items():
+        for name, t in tensors.items():
+            if name in undo and any(read_ranges(t.file, *tensor_ranges(t, undo[name].indices))):
+                nonzero.append(name)
+    mismatched = []
+    if manifest.get("hashes"):
+        advance = progress.task("verifying", sum(os.path.getsize(_root(target) / r) for r in layout))
+
+        def work(rel):
+            return rel, stream(_root(target) / rel, Edits.none(), hash_after=False, advance=advance)[0]
+
+        for rel, digest in run_shards(list(layout), work):
+            if digest != manifest["files"][rel].get("output_sha256"):
+                mismatched.append(rel)
+    return {
+        "ok": not nonzero and not mismatched, "target": str(target), "hashes_checked": bool(manifest.get("hashes")),
+        "files": len(layout), "selected": sum(len(u.indices) for u in undo.values()),
+        "hash_mismatches": mismatched, "nonzero_tensors": nonzero,
+    }
+
+
+def revert(target: Path, output: Path | None = None, progress: Reporter | None = None) -> dict:
+    """Restore the original bytes: into `output` (a new directory), or in place when output is None."""
+    progress = progress or Silent()
+    target = Path(target)
+    manifest, undo, layout = _load(target)
+    if output is None:
+        return _revert_in_place(target, undo, layout)
+    output = Path(output)
+    check_output_dir(output, target)
+    from .fsutil import staged_dir
+
+    advance = progress.task("reverting", sum(os.path.getsize(_root(target) / r) for r in layout))
+    with staged_dir(output) as tmp:
+        def work(rel):
+            return rel, stream(_root(target) / rel, _edits(layout[rel], undo, True), tmp / rel, hash_before=False, advance=advance)[1]
+
+        for rel, digest in run_shards(list(layout), work):
+            expected = (manifest or {}).get("files", {}).get(rel, {}).get("input_sha256")
+            if expected and digest != expected:
+                raise OutputError(f"{_root(target) / rel}: restored bytes do not match the original sha256; the patched file was changed after patching")
+        if target.is_dir():
+            copy_other_files(target, other_files(target, set(layout)), tmp)
+    return {"output": str(output), "files": len(layout), "restored": sum(len(u.indices) for u in undo.values()), "in_place": False}
+
+
+def _revert_in_place(target: Path, undo: dict[str, UndoEntry], layout: dict) -> dict:
+    """Idempotent range writes, fsynced, then the sidecars go (undo log last): a crash is fixed by rerunning."""
+    root = _root(target)
+    for rel, tensors in layout.items():
+        edits = _edits(tensors, undo, True)
+        if not edits:
+            continue
+        fd = os.open(root / rel, os.O_RDWR)
+        try:
+            pwrite_edits(fd, edits)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    manifest_path, undo_path = sidecar_paths(target)
+    manifest_path.unlink(missing_ok=True)
+    undo_path.unlink()
+    from .fsutil import fsync_dir
+
+    fsync_dir(root)
+    return {"output": str(target), "files": len(layout), "restored": sum(len(u.indices) for u in undo.values()), "in_place": True}

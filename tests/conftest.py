@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny random models of real architectures, built once per session in tmp."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+TEXTS = [
+    f"{a} {b} the {c} near {d}, and {e} asked about it number {i}."
+    for i, (a, b, c, d, e) in enumerate(
+        (a, b, c, d, e)
+        for a in ("Alice", "Bob", "Carol", "Dan")
+        for b in ("found", "moved", "painted", "sold")
+        for c in ("red box", "old car", "small boat")
+        for d in ("the river", "a school", "my house")
+        for e in ("she", "he", "they")
+    )
+][:300]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """Factory: tiny_model(arch="llama", dtype="float32", shard=None, **kw) -> read-only model dir.
+
+    Built once per distinct argument set; tests that modify a model must copy it first
+    (use `model_copy`).
+    """
+    from spinctl.tiny import build_tiny_model
+
+    cache: dict[tuple, Path] = {}
+
+    def make(arch: str = "llama", dtype: str = "float32", shard: str | None = None, **kw) -> Path:
+        key = (arch, dtype, shard, tuple(sorted(kw.items())))
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"{arch}-{dtype}-{shard or 'single'}")
+            cache[key] = build_tiny_model(out / "model", TEXTS, arch=arch, dtype=dtype, max_shard_size=shard, **kw)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture
+def model_copy(tmp_path):
+    """copy(src) -> a private copy of a model directory (or file) under tmp_path."""
+
+    def copy(src: Path) -> Path:
+        dst = tmp_path / ("copy-" + src.name)
+        if src.is_dir():
+            shutil.copytree(src, dst)
+        else:
+            shutil.copy2(src, dst)
+        return dst
+
+    return copy
