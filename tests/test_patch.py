@@ -1,0 +1,187 @@
+"""End to end on tiny random Llama/Qwen2 checkpoints: patch, verify, revert, in place vs out of place."""
+
+import filecmp
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fakes import fake_scores
+from spinctl.checkpoint import open_checkpoint
+from spinctl.formats import read_selection
+from spinctl.patch import PatchConfig, patch
+from spinctl.select import SelectConfig, run_select, select_to_file
+from spinctl.verify import revert, verify
+
+CASES = [("llama", "bfloat16", "40KB"), ("llama", "float32", None), ("qwen2", "float32", "100KB"), ("qwen2", "bfloat16", None)]
+
+
+def spinctl(*args, check=True):
+    r = subprocess.run([sys.executable, "-m", "spinctl", *map(str, args)], capture_output=True, text=True)
+    assert not check or r.returncode == 0, r.stderr
+    return r
+
+
+def make_selection(model: Path, tmp: Path, p=0.02, q=0.04, mode="paper") -> Path:
+    files = [fake_scores(model, tmp / f"scores{i}.safetensors", seed=i, keep=0.05) for i in range(3)]
+    select_to_file(SelectConfig(files[0], (files[1], files[2]), p, q, mode), tmp / "sel.safetensors")
+    return tmp / "sel.safetensors"
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a file or directory, as raw integers so comparisons are bitwise."""
+    files = [path] if path.is_file() else sorted(path.glob("model*.safetensors"))
+    out = {}
+    for f in files:
+        for n, t in load_file(f).items():
+            out[n] = t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+    return out
+
+
+def check_patched(src: Path, dst: Path, sel_path: Path) -> None:
+    """Only the selected elements differ, and they are +0.0 bytes; other files are byte-identical."""
+    sel = read_selection(sel_path)
+    a, b = tensors(src), tensors(dst)
+    assert a.keys() == b.keys()
+    for name in a:
+        idx = torch.from_numpy(sel.indices.get(name, np.zeros(0, np.int64)))
+        fa, fb = a[name].flatten().clone(), b[name].flatten()
+        assert (fb[idx] == 0).all(), name
+        fa[idx] = 0
+        assert torch.equal(fa, fb), name
+    changed = {f.name for f in (src.glob("*.safetensors") if src.is_dir() else [src])
+               if any(n in sel.indices and len(sel.indices[n]) for n in load_file(f))}
+    if src.is_dir():
+        for f in src.iterdir():
+            if f.name not in changed:
+                assert filecmp.cmp(f, dst / f.name, shallow=False), f.name
+
+
+@pytest.mark.parametrize("arch,dtype,shard", CASES)
+def test_patch_verify_revert_roundtrip(tiny_model, tmp_path, arch, dtype, shard):
+    src = tiny_model(arch, dtype, shard)
+    sel = make_selection(src, tmp_path)
+    out = tmp_path / "out"
+    m = patch(PatchConfig(src, out), read_selection(sel))
+    assert m["totals"]["zeroed"] == sum(len(a) for a in read_selection(sel).indices.values()) > 0
+    check_patched(src, out, sel)
+    assert (out / "spin-manifest.json").is_file() and (out / "spin-undo.safetensors").is_file()
+    assert verify(out)["ok"]
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True, dtype=getattr(torch, dtype))
+    params = dict(model.named_parameters())
+    for name, idx in read_selection(sel).indices.items():
+        assert (params[name].detach().flatten()[torch.from_numpy(idx)] == 0).all()
+
+    back = tmp_path / "back"
+    revert(out, back)
+    assert sorted(p.name for p in back.iterdir()) == sorted(p.name for p in src.iterdir())
+    for f in src.iterdir():
+        assert filecmp.cmp(f, back / f.name, shallow=False), f.name
+
+
+@pytest.mark.parametrize("arch,dtype,shard", CASES[:3])
+def test_in_place_equals_out_of_place(tiny_model, model_copy, tmp_path, arch, dtype, shard):
+    src = tiny_model(arch, dtype, shard)
+    sel = make_selection(src, tmp_path)
+    out = tmp_path / "out"
+    patch(PatchConfig(src, out), read_selection(sel))
+    work = model_copy(src)
+    patch(PatchConfig(work, in_place=True), read_selection(sel))
+    for f in out.iterdir():
+        if f.suffix == ".json" and f.name == "spin-manifest.json":
+            a, b = json.loads(f.read_text()), json.loads((work / f.name).read_text())
+            assert a["files"] == b["files"] and a["tensors"] == b["tensors"]
+        else:
+            assert filecmp.cmp(f, work / f.name, shallow=False), f.name
+    assert verify(work)["ok"]
+    revert(work)
+    assert not list(work.glob("spin-*"))
+    for f in src.iterdir():
+        assert filecmp.cmp(f, work / f.name, shallow=False), f.name
+
+
+def test_single_file_in(tiny_model, model_copy, tmp_path):
+    src_dir = tiny_model("llama", "float32")
+    sel = make_selection(src_dir, tmp_path)
+    src = src_dir / "model.safetensors"
+    out = tmp_path / "out"
+    r = json.loads(spinctl("patch", src, out, "--selection", sel, "--json").stdout)
+    assert r["output"] == str(out) and (out / "model.safetensors").is_file()
+    check_patched(src, out / "model.safetensors", sel)
+    assert spinctl("verify", out).returncode == 0
+
+    work = model_copy(src)  # in place on a lone file: sidecars go beside it as NAME.spin-*
+    spinctl("patch", work, "--in-place", "--selection", sel)
+    assert (work.parent / f"{work.name}.spin-manifest.json").is_file()
+    assert filecmp.cmp(work, out / "model.safetensors", shallow=False)
+    assert spinctl("verify", work).returncode == 0
+    spinctl("revert", work, "--in-place")
+    assert filecmp.cmp(work, src, shallow=False) and not list(work.parent.glob("*.spin-*"))
+
+
+def test_dry_run_writes_nothing(tiny_model, tmp_path):
+    src = tiny_model("llama", "bfloat16", "40KB")
+    sel = make_selection(src, tmp_path)
+    r = json.loads(spinctl("patch", src, tmp_path / "out", "--selection", sel, "--dry-run", "--json").stdout)
+    assert r["dry_run"] and r["totals"]["zeroed"] > 0 and not (tmp_path / "out").exists()
+
+
+def test_link_and_no_hash(tiny_model, tmp_path):
+    src = tiny_model("llama", "bfloat16", "40KB")
+    sel = make_selection(src, tmp_path)
+    out = tmp_path / "out"
+    spinctl("patch", src, out, "--selection", sel, "--link", "--no-hash")
+    m = json.loads((out / "spin-manifest.json").read_text())
+    unchanged = [f for f, e in m["files"].items() if not e["changed"]]
+    assert unchanged and all(os.path.samefile(src / f, out / f) for f in unchanged)
+    assert not any("input_sha256" in e for e in m["files"].values())
+    check_patched(src, out, sel)
+    r = json.loads(spinctl("verify", out, "--json").stdout)
+    assert r["ok"] and not r["hashes_checked"]
+
+
+def test_patch_from_score_files_equals_selection(tiny_model, tmp_path):
+    src = tiny_model("qwen2", "float32", "100KB")
+    sel = make_selection(src, tmp_path, mode="reference")
+    a, b = tmp_path / "a", tmp_path / "b"
+    spinctl("patch", src, a, "--selection", sel)
+    spinctl("patch", src, b, "--retain", tmp_path / "scores0.safetensors", "--couple", tmp_path / "scores1.safetensors",
+            "--couple", tmp_path / "scores2.safetensors", "--p", "0.02", "--q", "0.04", "--mode", "reference")
+    for f in a.glob("*.safetensors"):
+        assert filecmp.cmp(f, b / f.name, shallow=False)
+
+
+def test_verify_detects_tampering(tiny_model, tmp_path):
+    src = tiny_model("llama", "float32", "100KB")
+    out = tmp_path / "out"
+    patch(PatchConfig(src, out), read_selection(make_selection(src, tmp_path)))
+    m = json.loads((out / "spin-manifest.json").read_text())
+    victim = next(f for f, e in m["files"].items() if e["changed"])
+    data = bytearray((out / victim).read_bytes())
+    data[-1] ^= 0xFF
+    (out / victim).write_bytes(bytes(data))
+    r = spinctl("verify", out, "--json", check=False)
+    assert r.returncode == 1 and json.loads(r.stdout)["hash_mismatches"] == [victim]
+
+
+def test_deterministic_outputs(tiny_model, tmp_path):
+    src = tiny_model("llama", "bfloat16", "40KB")
+    sel = make_selection(src, tmp_path)
+    select_to_file(SelectConfig(tmp_path / "scores0.safetensors", (tmp_path / "scores1.safetensors",), 0.02, 0.04),
+                   tmp_path / "sel2.safetensors")
+    select_to_file(SelectConfig(tmp_path / "scores0.safetensors", (tmp_path / "scores1.safetensors",), 0.02, 0.04),
+                   tmp_path / "sel3.safetensors")
+    assert filecmp.cmp(tmp_path / "sel2.safetensors", tmp_path / "sel3.safetensors", shallow=False)
+    patch(PatchConfig(src, tmp_path / "o1"), read_selection(sel))
+    patch(PatchConfig(src, tmp_path / "o2"), read_selection(sel))
+    for f in (tmp_path / "o1").iterdir():
+        assert filecmp.cmp(f, tmp_path / "o2" / f.name, shallow=False), f.name
