@@ -189,6 +189,166 @@ def _print_inspect(r: dict) -> None:
     _console().print(table)
 
 
+def _sample_progress(rep):
+    """Adapt score's progress(advance, total) callback to a rich task created on first use."""
+    task = []
+
+    def advance(n: int, total: int) -> None:
+        if not task:
+            task.append(rep.task("scoring samples", total))
+        task[0](n)
+
+    return advance
+
+
+@app.command()
+def score(
+    model: Annotated[Path, typer.Argument(help="Hugging Face model directory (config, tokenizer, safetensors).")],
+    data: Annotated[str, typer.Argument(help="Calibration CSV/JSONL with prompt and response columns, or builtin:NAME.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Score file to write (.safetensors).")],
+    method: Annotated[str, typer.Option("--method", help="snip (|W|·Σ|∇W L|) or wanda (|W|·‖x‖).")] = "snip",
+    nsamples: Annotated[int, typer.Option("--nsamples", help="Rows drawn from DATA.")] = 128,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the row permutation.")] = 0,
+    keep: Annotated[float, typer.Option("--keep", help="Fraction of each tensor's top scores stored.")] = 1e-4,
+    targets: Annotated[str, typer.Option("--targets", help="mlp, attn, all, or re:REGEX on weight names.")] = "mlp",
+    max_length: Annotated[int, typer.Option("--max-length", help="Tokens per sample; longer samples lose their end.")] = 2048,
+    batch_size: Annotated[str, typer.Option("--batch-size", help="Samples per batch, or auto.")] = "auto",
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="auto (bf16 on cuda, f32 on cpu), float32, bfloat16, float16.")] = "auto",
+    chat_template: Annotated[bool, typer.Option("--chat-template", help="Format prompts with the tokenizer's chat template.")] = False,
+    prompt_column: Annotated[str, typer.Option("--prompt-column", help="Name of the prompt column.")] = "prompt",
+    response_column: Annotated[str, typer.Option("--response-column", help="Name of the response column.")] = "response",
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run the model's own Python code (off by default).")] = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+):
+    """Score every targeted weight on one calibration set; write the top-K per tensor."""
+    from .score import ScoreConfig, score as run_score
+
+    if batch_size != "auto" and not batch_size.isdigit():
+        raise typer.BadParameter("--batch-size takes a positive integer or auto")
+    cfg = ScoreConfig(model, data, output, method, nsamples, seed, keep, targets, max_length,
+                      None if batch_size == "auto" else int(batch_size), device, dtype, chat_template,
+                      prompt_column, response_column, trust_remote_code)
+    with _progress(json_out, quiet, unit="samples") as rep:
+        result = run_score(cfg, _sample_progress(rep))
+    emit(result, json_out, lambda r: _console().print(
+        f"scored {r['tensors']} tensors on {r['samples']} samples ({r['tokens']} tokens, {r['skipped']} skipped) "
+        f"in {r['seconds']:.1f} s -> {r['file']}"))
+
+
+def _log(json_out: bool):
+    """Stage messages on stderr, silent with --json."""
+    if json_out:
+        return lambda s: None
+    from rich.console import Console
+
+    err = Console(stderr=True)
+    return lambda s: err.print(f"[dim]·[/] {s}")
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="spin.yaml: model, output, retain, couple, score, select, patch, eval.")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a key, e.g. --set score.nsamples=64.")] = None,
+    json_out: JsonOpt = False,
+):
+    """Score (cached), select, patch, verify and optionally evaluate, from one YAML file."""
+    from .run import run as run_pipeline
+    from .runconfig import load_run_config
+
+    result = run_pipeline(load_run_config(config, set_ or []), _log(json_out))
+    emit(result, json_out, _print_run)
+
+
+def _print_run(r: dict) -> None:
+    cached = sum(s["cached"] for s in r["scores"])
+    _console().print(f"{r['selected']} weights zeroed ({cached}/{len(r['scores'])} score files from cache), "
+                     f"{'verified' if r['verified'] else 'NOT verified'} -> {r['output']}")
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Optional[Path], typer.Option("--workdir", help="Where to build the demo (default: a new temp dir).")] = None,
+    json_out: JsonOpt = False,
+):
+    """The whole pipeline on a tiny random Llama and the built-in calibration sets."""
+    from .demo import report, run_demo
+
+    result = run_demo(workdir, _log(json_out))
+    emit(result, json_out, lambda r: report(r, _console()))
+
+
+def _eval_config(model, prompts, column, limit, max_new_tokens, batch_size, judge, judge_model, judge_template, save, device, dtype):
+    from .data import resolve
+    from .evaluate import EvalConfig
+
+    return EvalConfig(model=model, prompts=resolve(prompts), column=column, limit=limit, max_new_tokens=max_new_tokens,
+                      batch_size=batch_size, judge=judge, judge_model=judge_model, judge_template=judge_template,
+                      save=save, device=device, dtype=dtype)
+
+
+@app.command("eval")
+def eval_(
+    model: Annotated[Path, typer.Argument(help="Model directory to evaluate.")],
+    prompts: Annotated[str, typer.Option("--prompts", help="CSV/JSONL of questions, or builtin:eval_prompts.")],
+    column: Annotated[str, typer.Option("--column", help="Column holding the questions.")] = "questions",
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N questions.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Greedy tokens per answer.")] = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Questions per generation batch.")] = 8,
+    judge: Annotated[str, typer.Option("--judge", help="keyword (our refusal and caution markers) or model.")] = "keyword",
+    judge_model: Annotated[Optional[Path], typer.Option("--judge-model", help="Local causal LM that answers safe/unsafe.")] = None,
+    judge_template: Annotated[Optional[Path], typer.Option("--judge-template", help="Template with {question} and {answer}.")] = None,
+    save: Annotated[Optional[Path], typer.Option("--save", help="Write question, answer, verdict as JSONL.")] = None,
+    compare: Annotated[Optional[Path], typer.Option("--compare", help="A second (patched) model, evaluated the same way.")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16, float16.")] = "auto",
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+):
+    """Awareness rate: greedy answers judged aware / unaware (unjudgeable counted apart)."""
+    from .evaluate import eval_steps, evaluate
+
+    models = [model] + ([compare] if compare else [])
+    results = []
+    with _progress(json_out, quiet, unit="steps") as rep:
+        for m in models:
+            cfg = _eval_config(m, prompts, column, limit, max_new_tokens, batch_size, judge, judge_model,
+                               judge_template, None if compare and save is None else save, device, dtype)
+            results.append(evaluate(cfg, rep.task(f"evaluating {m.name}", eval_steps(cfg))))
+    result = results[0] if not compare else {"original": results[0], "compare": results[1]}
+    emit(result, json_out, lambda r: _print_eval(results))
+
+
+def _print_eval(results: list[dict]) -> None:
+    from rich.table import Table
+
+    table = Table(title="awareness")
+    for col in ("model", "n", "aware", "unaware", "unjudgeable", "rate"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for r in results:
+        rate = "n/a" if r["rate"] is None else f"{r['rate']:.4f}"
+        table.add_row(r["model"], str(r["n"]), str(r["aware"]), str(r["unaware"]), str(r["unjudgeable"]), rate)
+    _console().print(table)
+
+
+@app.command()
+def ppl(
+    model: Annotated[Path, typer.Argument(help="Model directory.")],
+    textfile: Annotated[Path, typer.Argument(help="Plain text file.")],
+    seqlen: Annotated[int, typer.Option("--seqlen", help="Tokens per non-overlapping window.")] = 2048,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16, float16.")] = "auto",
+    json_out: JsonOpt = False,
+):
+    """Perplexity over non-overlapping windows of a text file."""
+    from .ppl import perplexity
+
+    result = perplexity(model, textfile, seqlen, device, dtype)
+    emit(result, json_out, lambda r: _console().print(
+        f"perplexity {r['ppl']:.4f} over {r['tokens']} tokens in {r['windows']} windows of {r['seqlen']}"))
+
+
 def main() -> None:
     """Entry point: SpinctlError (and I/O failures) become one line on stderr and exit 1."""
     try:

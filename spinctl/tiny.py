@@ -58,7 +58,9 @@ def build_tiny_model(out_dir: Path, texts: Iterable[str], arch: str = "llama", d
     """Save a random model + tokenizer as a Hugging Face directory; returns `out_dir`."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # its "Writing model shards" bar would clutter our stderr
     out_dir = Path(out_dir)
     tok = train_tokenizer(texts, vocab_size)
     cfg = tiny_config(arch, len(tok), layers, hidden, intermediate, heads, kv_heads)

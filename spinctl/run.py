@@ -1,0 +1,127 @@
+"""`spinctl run spin.yaml`: score every dataset (cached), select, patch, verify, optionally evaluate."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from .checkpoint import open_checkpoint
+from .errors import OutputError
+from .formats import FORMAT, read_selection, write_selection
+from .runconfig import RunConfig
+
+Log = Callable[[str], None]
+
+
+def cache_key(ck, dataset_sha256: str, options: dict) -> str:
+    """Fingerprint, size and mtime of every weight file, the data's sha256, every scoring option, the format."""
+    files = [[s.path.name, s.size, s.path.stat().st_mtime_ns] for s in ck.shards]
+    text = json.dumps({"fingerprint": ck.fingerprint(), "files": files, "data": dataset_sha256,
+                       "options": options, "format": FORMAT}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _score_options(cfg: RunConfig) -> dict:
+    from .score import ScoreConfig
+
+    # Resolved through the dataclass, so a default written out and one left implicit share a key.
+    probe = ScoreConfig(model=cfg.model, data="", output=Path("x"), **cfg.score)
+    return {k: getattr(probe, k) for k in probe.__dataclass_fields__ if k not in ("model", "data", "output")}
+
+
+def score_all(cfg: RunConfig, log: Log) -> list[dict]:
+    """One score file per dataset, from the cache when the same inputs were scored before."""
+    from .data import read_rows
+    from .score import ScoreConfig, load_model, score
+
+    ck = open_checkpoint(cfg.model)
+    options = _score_options(cfg)
+    cfg.cache_dir.mkdir(parents=True, exist_ok=True)
+    loaded, out = None, []
+    for data in (cfg.retain, *cfg.couple):
+        rows = read_rows(data, options["prompt_column"], options["response_column"])
+        file = cfg.cache_dir / f"scores-{cache_key(ck, rows.sha256, options)}.safetensors"
+        if file.is_file():
+            log(f"scores for {data}: cached ({file.name})")
+            out.append({"data": data, "file": str(file), "cached": True})
+            continue
+        sc = ScoreConfig(model=cfg.model, data=data, output=file, **cfg.score)
+        loaded = loaded or load_model(sc)  # one load for all datasets
+        log(f"scoring {data} ({sc.method.value}, {sc.nsamples} samples)")
+        summary = score(sc, loaded=loaded)
+        out.append({"data": data, "file": str(file), "cached": False, "seconds": summary["seconds"]})
+    return out
+
+
+def run(cfg: RunConfig, log: Log = lambda s: None) -> dict:
+    from .patch import PatchConfig, check_output_dir, patch
+    from .select import Mode, SelectConfig, run_select
+    from .verify import verify
+
+    if cfg.output is not None:
+        check_output_dir(cfg.output, cfg.model)  # fail before minutes of scoring, not after
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    scores = score_all(cfg, log)
+    seconds["score"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    sel_cfg = SelectConfig(Path(scores[0]["file"]), tuple(Path(s["file"]) for s in scores[1:]),
+                           float(cfg.select.get("p", 5e-7)), float(cfg.select.get("q", 5e-7)),
+                           Mode(cfg.select.get("mode", "paper")))
+    selected, meta = run_select(sel_cfg)
+    sel_file = cfg.cache_dir / f"selection-{hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:32]}.safetensors"
+    write_selection(sel_file, selected, meta)
+    seconds["select"] = time.perf_counter() - t
+    log(f"selected {sum(len(a) for a in selected.values())} weights (mode {meta['mode']}, p {meta['p']}, q {meta['q']})")
+
+    t = time.perf_counter()
+    pcfg = PatchConfig(cfg.model, cfg.output, in_place=cfg.output is None, link=bool(cfg.patch.get("link")),
+                       no_hash=bool(cfg.patch.get("no_hash")))
+    manifest = patch(pcfg, read_selection(sel_file))
+    seconds["patch"] = time.perf_counter() - t
+    target = Path(manifest["output"])
+
+    t = time.perf_counter()
+    check = verify(target)
+    seconds["verify"] = time.perf_counter() - t
+    if not check["ok"]:
+        raise OutputError(f"{target}: verification failed after patching: {check}")
+    log(f"patched and verified: {target}")
+
+    result = {"scores": scores, "selection": str(sel_file), "selected": manifest["totals"]["zeroed"],
+              "output": str(target), "verified": check["ok"], "per_tensor": manifest["tensors"]}
+    if cfg.eval:
+        t = time.perf_counter()
+        result["eval"] = evaluate_both(cfg, target if target.is_dir() else target.parent, log)
+        seconds["eval"] = time.perf_counter() - t
+    else:
+        result["eval"] = None
+    result["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+    return result
+
+
+def evaluate_both(cfg: RunConfig, patched: Path, log: Log) -> list[dict]:
+    """Awareness of the original and the patched model on each prompt set (original skipped when patched in place)."""
+    from .data import resolve
+    from .evaluate import EvalConfig, evaluate
+
+    ev = dict(cfg.eval)
+    prompts = ev.pop("prompts")
+    opts = {k: v for k, v in ev.items() if v is not None}
+    for k in ("judge_model", "judge_template"):
+        if k in opts:
+            opts[k] = Path(opts[k])
+    device = cfg.score.get("device", "auto")
+    out = []
+    for p in prompts:
+        row = {"prompts": p}
+        models = {"patched": patched} if cfg.output is None else {"original": cfg.model, "patched": patched}
+        for label, model in models.items():
+            log(f"evaluating the {label} model on {p}")
+            row[label] = evaluate(EvalConfig(model=model, prompts=resolve(p), device=device, **opts))
+        out.append(row)
+    return out
