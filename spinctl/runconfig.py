@@ -90,7 +90,7 @@ def load_run_config(path: Path, overrides: list[str] = ()) -> RunConfig:
     patch = dict(data.get("patch") or {})
     if not patch.get("in_place") and not data.get("output"):
         raise InputError(f"{path}: give output (a new directory), or patch.in_place: true")
-    base = path.parent
+    base = path.resolve().parent
     cache = data.get("cache_dir") or os.environ.get("SPINCTL_CACHE") or "~/.cache/spinctl"
     ev = data.get("eval")
     if ev is not None:

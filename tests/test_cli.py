@@ -45,3 +45,19 @@ def test_error_is_one_line_without_traceback(tmp_path):
     r = run("inspect", tmp_path / "missing.safetensors")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0 and "missing.safetensors" in r.stderr
+
+
+def test_eval_and_ppl_commands(tiny_model, tmp_path):
+    model = tiny_model("llama", "float32")
+    r = run("eval", model, "--prompts", "builtin:eval_prompts", "--limit", "4", "--max-new-tokens", "4",
+            "--compare", model, "--json")
+    assert r.returncode == 0, r.stderr
+    both = json.loads(r.stdout)
+    assert both["original"]["n"] == 4 and both["original"]["rate"] == both["compare"]["rate"]
+    text = tmp_path / "t.txt"
+    text.write_text("Alice found the red box near the river. " * 20)
+    r = run("ppl", model, text, "--seqlen", "32", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["ppl"] > 1
+    r = run("eval", model, "--prompts", text, "--json")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
