@@ -103,6 +103,10 @@ def patch(
 
     if (selection is None) == (retain is None and not couple):
         raise typer.BadParameter("give either --selection or --retain/--couple/--p/--q")
+    if in_place == (output is not None):
+        raise typer.BadParameter("give either an output directory OUT or --in-place")
+    if in_place and link:
+        raise typer.BadParameter("--link only applies to out-of-place patching")
     cfg = PatchConfig(model, output, in_place, dry_run, link, no_hash, force)
     if selection is not None:
         sel = read_selection(selection)
@@ -110,7 +114,7 @@ def patch(
         from .select import run_select
 
         indices, meta = run_select(_select_config(retain, couple, p, q, mode))
-        sel = SelectionFile(Path("<computed>"), meta, indices)
+        sel = SelectionFile(retain, meta, indices)  # errors then name a file the user gave
     with _progress(json_out, quiet) as progress:
         result = run_patch(cfg, sel, progress)
     emit(result, json_out, _print_patch)

@@ -113,7 +113,7 @@ def _load(path: Path, kind: str) -> tuple[dict, dict[str, np.ndarray]]:
     try:
         with safe_open(str(path), framework="numpy") as f:
             arrays = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError, TypeError) as e:  # TypeError: a dtype numpy lacks (BF16)
         raise InputError(f"{path}: cannot read arrays ({e})") from None
     return meta, arrays
 

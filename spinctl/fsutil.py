@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from .errors import OutputError
+
 
 def fsync_dir(path: Path) -> None:
     """Persist a rename: the directory entry must reach the disk too."""
@@ -23,6 +25,10 @@ def fsync_dir(path: Path) -> None:
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; it becomes `path` only if the block succeeds."""
     path = Path(path)
+    if path.is_dir() or not path.parent.is_dir():
+        # else the OSError would name the temporary file, which no longer exists when it is shown
+        why = "is a directory; give a file name" if path.is_dir() else f"directory {path.parent} does not exist"
+        raise OutputError(f"{path}: {why}")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)

@@ -15,7 +15,7 @@ from .checkpoint import Checkpoint, Shard, open_checkpoint
 from .errors import InputError, OutputError, SpinctlError
 from .formats import SelectionFile
 from .progress import Reporter, Silent
-from .sidecars import MANIFEST, UNDO, UndoEntry, read_undo, sidecar_paths, write_manifest, write_undo
+from .sidecars import MANIFEST, UNDO, UndoEntry, check_undo, read_undo, sidecar_paths, write_manifest, write_undo
 from .stream import Edits, copy_then_pwrite, file_edits, pwrite_edits, read_ranges, stream, tensor_ranges
 
 
@@ -195,6 +195,7 @@ def _resume_undo(undo_path: Path, manifest_path: Path, plans: list[ShardPlan]) -
     if manifest_path.exists():
         raise OutputError(f"{undo_path}: the model is already patched; run `spinctl revert --in-place` first (a second undo log would lose the original bytes)")
     _, undo = read_undo(undo_path)
+    check_undo(undo_path, undo, {n: t for p in plans for n, t in p.shard.tensors.items()})
     wanted = {n: a for p in plans for n, a in p.selected.items()}
     if set(undo) != set(wanted) or any(not np.array_equal(undo[n].indices, wanted[n]) for n in wanted):
         raise OutputError(f"{undo_path}: an interrupted patch with another selection left this undo log; run `spinctl revert --in-place` first")

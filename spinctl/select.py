@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError, SpinctlError
+from .errors import InputError, OutputError, SpinctlError
 from .formats import ScoreFile, read_scores, top_count, write_selection
 
 
@@ -110,6 +110,8 @@ def run_select(cfg: SelectConfig) -> tuple[dict[str, np.ndarray], dict]:
 
 
 def select_to_file(cfg: SelectConfig, output: Path) -> dict:
+    if any(Path(output).resolve() == Path(f).resolve() for f in (cfg.retain, *cfg.couple)):
+        raise OutputError(f"{output}: is one of the input score files; choose another output name")
     selected, meta = run_select(cfg)
     write_selection(output, selected, meta)
     return summary(selected, meta, output)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .checkpoint import ITEMSIZE, read_shard
+from .checkpoint import ITEMSIZE, TensorEntry, read_shard
 from .errors import InputError
 from .fsutil import atomic_write_bytes
 
@@ -39,6 +39,9 @@ def read_manifest(path: Path) -> dict:
         raise InputError(f"{path}: manifest is not valid JSON ({e})") from None
     if not isinstance(data, dict) or data.get("tool") != "spinctl" or not isinstance(data.get("files"), dict):
         raise InputError(f"{path}: not a spinctl manifest")
+    bad = next((k for k, v in data["files"].items() if not isinstance(v, dict)), None)
+    if bad is not None:
+        raise InputError(f"{path}: entry for {bad!r} in files is not an object; the manifest is corrupt")
     return data
 
 
@@ -88,6 +91,19 @@ def read_undo(path: Path) -> tuple[str, dict[str, UndoEntry]]:
                 raise InputError(f"{path}: tensor {name} lacks matching indices and values")
             f.seek(ti.begin)
             idx = np.frombuffer(f.read(ti.end - ti.begin), dtype="<i8").astype(np.int64)
+            if len(idx) and (idx[0] < 0 or np.any(idx[1:] <= idx[:-1])):
+                raise InputError(f"{path}: tensor {name}: indices are not sorted, unique and non-negative; the undo log is corrupt")
             f.seek(tv.begin)
             entries[name] = UndoEntry(tv.dtype, idx, f.read(tv.end - tv.begin))
     return meta.get("fingerprint", ""), entries
+
+
+def check_undo(path: Path, entries: dict[str, UndoEntry], tensors: dict[str, TensorEntry]) -> None:
+    """Before any byte is restored: every entry names a tensor of the model, with its dtype, inside its elements."""
+    for name, e in sorted(entries.items()):
+        t = tensors.get(name)
+        if t is None:
+            raise InputError(f"{path}: tensor {name} is in no weight file of the model")
+        if e.dtype != t.dtype or (len(e.indices) and e.indices[-1] >= t.numel):
+            raise InputError(f"{path}: tensor {name}: the undo log holds {e.dtype} values up to index "
+                             f"{int(e.indices[-1]) if len(e.indices) else -1}, but {t.file.name} has {t.dtype} {list(t.shape)}; the undo log is corrupt")

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import TensorEntry
+from .errors import InputError
 from .progress import Advance
 
 CHUNK = 8 << 20  # 8 MiB: large enough for fast I/O, small enough that memory stays flat
@@ -32,8 +33,11 @@ class Edits:
 
 
 def tensor_ranges(t: TensorEntry, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    from spinctl_kernels import coalesce_ranges
+    from spinctl_kernels import coalesce_ranges, is_sorted_unique
 
+    # The last guard before a write: a range outside the tensor would corrupt its neighbours.
+    if len(indices) and not (0 <= indices[0] and indices[-1] < t.numel and is_sorted_unique(indices)):
+        raise InputError(f"{t.file}: tensor {t.name}: indices to edit are unsorted, repeated or outside its {t.numel} elements")
     return coalesce_ranges(indices, t.itemsize, t.begin)
 
 
@@ -46,6 +50,9 @@ def file_edits(items: list[tuple[TensorEntry, np.ndarray, bytes | None]]) -> Edi
     starts = np.concatenate([p[0] for p in parts])
     lengths = np.concatenate([p[1] for p in parts])
     payloads = [v for _, _, v in items]
+    for (t, idx, v) in items:
+        if v is not None and len(v) != len(idx) * t.itemsize:
+            raise InputError(f"{t.file}: tensor {t.name}: {len(v)} bytes to restore for {len(idx)} elements of {t.dtype}")
     payload = None if all(v is None for v in payloads) else b"".join(payloads)
     return Edits(starts, lengths, payload)
 

@@ -9,12 +9,20 @@ from .checkpoint import TensorEntry, other_files, read_shard
 from .errors import InputError, OutputError
 from .patch import check_output_dir, copy_other_files, run_shards
 from .progress import Reporter, Silent
-from .sidecars import UndoEntry, read_manifest, read_undo, sidecar_paths
+from .sidecars import UndoEntry, check_undo, read_manifest, read_undo, sidecar_paths
 from .stream import Edits, file_edits, pwrite_edits, read_ranges, stream, tensor_ranges
 
 
 def _root(target: Path) -> Path:
     return target.parent if target.is_file() else target
+
+
+def _locate(target: Path) -> Path:
+    """A file patched out of place sits in OUT with OUT's spin-* files: then OUT is the target."""
+    target = Path(target)
+    if target.is_file() and not sidecar_paths(target)[1].exists() and sidecar_paths(target.parent)[1].exists():
+        return target.parent
+    return target
 
 
 def _load(target: Path) -> tuple[dict | None, dict[str, UndoEntry], dict[str, dict[str, TensorEntry]]]:
@@ -35,10 +43,7 @@ def _load(target: Path) -> tuple[dict | None, dict[str, UndoEntry], dict[str, di
         if "/" in rel or rel in ("", ".", ".."):
             raise InputError(f"{manifest_path}: file entry {rel!r} escapes the directory")
         layout[rel] = read_shard(_root(target) / rel).tensors
-    located = {n for tensors in layout.values() for n in tensors}
-    missing = sorted(set(undo) - located)
-    if missing:
-        raise InputError(f"{undo_path}: tensor {missing[0]} is in no weight file of {target}")
+    check_undo(undo_path, undo, {n: t for tensors in layout.values() for n, t in tensors.items()})
     return manifest, undo, layout
 
 
@@ -50,7 +55,7 @@ def _edits(tensors: dict[str, TensorEntry], undo: dict[str, UndoEntry], restore:
 def verify(target: Path, progress: Reporter | None = None) -> dict:
     """ok only if every manifest hash matches and every selected element reads zero."""
     progress = progress or Silent()
-    target = Path(target)
+    target = _locate(target)
     manifest, undo, layout = _load(target)
     if manifest is None:
         raise InputError(f"{sidecar_paths(target)[0]}: no manifest; the patch was interrupted: rerun it, or revert")
@@ -79,7 +84,7 @@ def verify(target: Path, progress: Reporter | None = None) -> dict:
 def revert(target: Path, output: Path | None = None, progress: Reporter | None = None) -> dict:
     """Restore the original bytes: into `output` (a new directory), or in place when output is None."""
     progress = progress or Silent()
-    target = Path(target)
+    target = _locate(target)
     manifest, undo, layout = _load(target)
     if output is None:
         return _revert_in_place(target, undo, layout)
