@@ -193,6 +193,12 @@ def _print_inspect(r: dict) -> None:
     _console().print(table)
 
 
+def _method_type():
+    from .methods import Method  # a light module: the enum only, no torch
+
+    return Method
+
+
 def _sample_progress(rep):
     """Adapt score's progress(advance, total) callback to a rich task created on first use."""
     task = []
@@ -210,7 +216,7 @@ def score(
     model: Annotated[Path, typer.Argument(help="Hugging Face model directory (config, tokenizer, safetensors).")],
     data: Annotated[str, typer.Argument(help="Calibration CSV/JSONL with prompt and response columns, or builtin:NAME.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Score file to write (.safetensors).")],
-    method: Annotated[str, typer.Option("--method", help="snip (|W|·Σ|∇W L|) or wanda (|W|·‖x‖).")] = "snip",
+    method: Annotated[_method_type(), typer.Option("--method", help="snip (|W|·Σ|∇W L|) or wanda (|W|·‖x‖).")] = "snip",
     nsamples: Annotated[int, typer.Option("--nsamples", help="Rows drawn from DATA.")] = 128,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the row permutation.")] = 0,
     keep: Annotated[float, typer.Option("--keep", help="Fraction of each tensor's top scores stored.")] = 1e-4,
