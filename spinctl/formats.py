@@ -94,8 +94,8 @@ def write_selection(path: Path, selected: dict[str, np.ndarray], meta: dict) -> 
     _save(path, arrays, meta)
 
 
-def _load(path: Path, kind: str) -> tuple[dict, dict[str, np.ndarray]]:
-    """Validate the header ourselves, then let safetensors read the arrays."""
+def _load(path: Path, kind: str, keys: tuple[str, ...]) -> tuple[dict, dict[str, np.ndarray]]:
+    """Validate the header and metadata ourselves, then let safetensors read the arrays."""
     from safetensors import SafetensorError, safe_open
 
     shard = read_shard(path)
@@ -108,8 +108,12 @@ def _load(path: Path, kind: str) -> tuple[dict, dict[str, np.ndarray]]:
         raise InputError(f"{path}: expected a {kind} file, found kind {found!r}")
     if meta.get("format") != FORMAT:
         raise InputError(f"{path}: format {meta.get('format')!r} is not supported (this spinctl reads format {FORMAT}); upgrade spinctl")
-    if not isinstance(meta.get("shapes"), dict):
+    missing = [k for k in keys if k not in meta]
+    if missing:
+        raise InputError(f"{path}: metadata lacks {', '.join(missing)}")
+    if not isinstance(meta["shapes"], dict):
         raise InputError(f"{path}: metadata lacks the tensor shapes")
+    _check_shapes(path, meta["shapes"])
     try:
         with safe_open(str(path), framework="numpy") as f:
             arrays = {k: f.get_tensor(k) for k in f.keys()}
@@ -144,15 +148,11 @@ def read_scores(path: Path) -> ScoreFile:
     from spinctl_kernels import check_ranked
 
     path = Path(path)
-    meta, arrays = _load(path, "scores")
-    missing = [k for k in SCORE_KEYS if k not in meta]
-    if missing:
-        raise InputError(f"{path}: metadata lacks {', '.join(missing)}")
+    meta, arrays = _load(path, "scores", SCORE_KEYS)
     keep = meta["keep"]
     if not (isinstance(keep, (int, float)) and 0 < keep <= 1):
         raise InputError(f"{path}: keep must be in (0, 1], found {keep!r}")
     shapes = meta["shapes"]
-    _check_shapes(path, shapes)
     parts = _split(path, arrays, ("indices", "scores"), shapes)
     for name, idx in parts["indices"].items():
         sc = parts["scores"][name]
@@ -171,12 +171,8 @@ def read_selection(path: Path) -> SelectionFile:
     from spinctl_kernels import is_sorted_unique
 
     path = Path(path)
-    meta, arrays = _load(path, "selection")
-    missing = [k for k in SELECTION_KEYS if k not in meta]
-    if missing:
-        raise InputError(f"{path}: metadata lacks {', '.join(missing)}")
+    meta, arrays = _load(path, "selection", SELECTION_KEYS)
     shapes = meta["shapes"]
-    _check_shapes(path, shapes)
     indices = _split(path, arrays, ("indices",), shapes)["indices"]
     for name, idx in indices.items():
         n = math.prod(shapes[name])

@@ -73,7 +73,7 @@ def check_compatible(retain: ScoreFile, couple: list[ScoreFile], p: float, q: fl
         if f.meta["fingerprint"] != retain.meta["fingerprint"]:
             raise InputError(f"{f.path}: scored a different model than {retain.path} (fingerprints differ)")
         if f.shapes != retain.shapes:
-            name = sorted(set(f.shapes) ^ set(retain.shapes) or (n for n in f.shapes if f.shapes[n] != retain.shapes.get(n)))[0]
+            name = min(n for n in set(f.shapes) | set(retain.shapes) if f.shapes.get(n) != retain.shapes.get(n))
             raise InputError(f"{f.path}: tensor {name} differs from {retain.path}; score both with the same --targets")
     for f, frac, label in [(retain, p, "p")] + [(c, q, "q") for c in couple]:
         if frac > f.keep:
