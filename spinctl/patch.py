@@ -16,7 +16,7 @@ from .errors import InputError, OutputError, SpinctlError
 from .formats import SelectionFile
 from .progress import Reporter, Silent
 from .sidecars import MANIFEST, UNDO, UndoEntry, check_undo, read_undo, sidecar_paths, write_manifest, write_undo
-from .stream import Edits, copy_then_pwrite, file_edits, pwrite_edits, read_ranges, stream, tensor_ranges
+from .stream import Edits, copy_then_pwrite, file_edits, read_ranges, stream, tensor_ranges, write_in_place
 
 
 @dataclass(frozen=True)
@@ -176,14 +176,8 @@ def _patch_in_place(cfg: PatchConfig, ck: Checkpoint, sel: SelectionFile, plans:
     else:
         undo = undo_entries(plans)
         write_undo(undo_path, undo, sel.meta["fingerprint"])  # the write-ahead log, fsynced before any range write
-    changed = [p for p in plans if p.edits]
-    for p in changed:
-        fd = os.open(p.shard.path, os.O_RDWR)
-        try:
-            pwrite_edits(fd, p.edits)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    for p in plans:
+        write_in_place(p.shard.path, p.edits)
     hashes = {} if cfg.no_hash else _hash_in_place(plans, undo, progress)
     m = manifest(cfg, sel, plans, hashes)
     write_manifest(manifest_path, m)  # written last: its presence marks a finished patch

@@ -151,6 +151,18 @@ def copy_then_pwrite(src: Path, dst: Path, edits: Edits) -> None:
         os.fsync(fout.fileno())
 
 
+def write_in_place(path: Path, edits: Edits) -> None:
+    """Apply the edits to `path` itself and fsync: the only writes into an input file."""
+    if not edits:
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        pwrite_edits(fd, edits)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def pwrite_edits(fd: int, edits: Edits) -> None:
     """Idempotent range writes: rerunning them after a crash reaches the same bytes."""
     poff = 0

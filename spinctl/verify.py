@@ -10,7 +10,7 @@ from .errors import InputError, OutputError
 from .patch import check_output_dir, copy_other_files, run_shards
 from .progress import Reporter, Silent
 from .sidecars import UndoEntry, check_undo, read_manifest, read_undo, sidecar_paths
-from .stream import Edits, file_edits, pwrite_edits, read_ranges, stream, tensor_ranges
+from .stream import Edits, file_edits, read_ranges, stream, tensor_ranges, write_in_place
 
 
 def _root(target: Path) -> Path:
@@ -110,15 +110,7 @@ def _revert_in_place(target: Path, undo: dict[str, UndoEntry], layout: dict) -> 
     """Idempotent range writes, fsynced, then the sidecars go (undo log last): a crash is fixed by rerunning."""
     root = _root(target)
     for rel, tensors in layout.items():
-        edits = _edits(tensors, undo, True)
-        if not edits:
-            continue
-        fd = os.open(root / rel, os.O_RDWR)
-        try:
-            pwrite_edits(fd, edits)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_in_place(root / rel, _edits(tensors, undo, True))
     manifest_path, undo_path = sidecar_paths(target)
     manifest_path.unlink(missing_ok=True)
     undo_path.unlink()
