@@ -133,11 +133,9 @@ def _patch_out(cfg: PatchConfig, ck: Checkpoint, sel: SelectionFile, plans: list
     out = Path(cfg.output)
     check_output_dir(out, ck.path)
     undo = undo_entries(plans)
-    total = sum(p.shard.size for p in plans)
-    advance = progress.task("patching", total)
-
     def work(p: ShardPlan):
         src, dst = p.shard.path, tmp / p.rel
+        advance = progress.task(f"patching {p.rel}", p.shard.size)
         if cfg.link and not p.edits and _try_link(src, dst):
             h = None if cfg.no_hash else stream(src, p.edits, None, advance=advance)
         elif cfg.no_hash:
@@ -198,9 +196,8 @@ def _resume_undo(undo_path: Path, manifest_path: Path, plans: list[ShardPlan]) -
 
 def _hash_in_place(plans: list[ShardPlan], undo: dict[str, UndoEntry], progress: Reporter) -> dict[str, tuple]:
     """One read per shard: the patched bytes give the output hash; restoring the undo values gives the input hash."""
-    advance = progress.task("hashing", sum(p.shard.size for p in plans))
-
     def work(p: ShardPlan):
+        advance = progress.task(f"hashing {p.rel}", p.shard.size)
         restore = file_edits([(p.shard.tensors[n], undo[n].indices, undo[n].values) for n in p.selected])
         after, before = stream(p.shard.path, restore, None, advance=advance)
         return p.rel, (before, after)

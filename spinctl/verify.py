@@ -66,9 +66,8 @@ def verify(target: Path, progress: Reporter | None = None) -> dict:
                 nonzero.append(name)
     mismatched = []
     if manifest.get("hashes"):
-        advance = progress.task("verifying", sum(os.path.getsize(_root(target) / r) for r in layout))
-
         def work(rel):
+            advance = progress.task(f"verifying {rel}", os.path.getsize(_root(target) / rel))
             return rel, stream(_root(target) / rel, Edits.none(), hash_after=False, advance=advance)[0]
 
         for rel, digest in run_shards(list(layout), work):
@@ -92,9 +91,9 @@ def revert(target: Path, output: Path | None = None, progress: Reporter | None =
     check_output_dir(output, target)
     from .fsutil import staged_dir
 
-    advance = progress.task("reverting", sum(os.path.getsize(_root(target) / r) for r in layout))
     with staged_dir(output) as tmp:
         def work(rel):
+            advance = progress.task(f"reverting {rel}", os.path.getsize(_root(target) / rel))
             return rel, stream(_root(target) / rel, _edits(layout[rel], undo, True), tmp / rel, hash_before=False, advance=advance)[1]
 
         for rel, digest in run_shards(list(layout), work):
