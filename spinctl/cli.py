@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from . import distributed
 from .errors import SpinctlError
 
 app = typer.Typer(
@@ -229,6 +230,8 @@ def score(
     prompt_column: Annotated[str, typer.Option("--prompt-column", help="Name of the prompt column.")] = "prompt",
     response_column: Annotated[str, typer.Option("--response-column", help="Name of the response column.")] = "response",
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run the model's own Python code (off by default).")] = False,
+    stream: Annotated[bool, typer.Option("--stream", help="Load one decoder layer at a time: for models larger than memory.")] = False,
+    spill_dir: Annotated[Optional[Path], typer.Option("--spill-dir", help="With --stream: keep layer activations in files in DIR, not in host memory.")] = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
@@ -237,14 +240,17 @@ def score(
 
     if batch_size != "auto" and not batch_size.isdigit():
         raise typer.BadParameter("--batch-size takes a positive integer or auto")
-    cfg = ScoreConfig(model, data, output, method, nsamples, seed, keep, targets, max_length,
-                      None if batch_size == "auto" else int(batch_size), device, dtype, chat_template,
-                      prompt_column, response_column, trust_remote_code)
+    cfg = ScoreConfig(model=model, data=data, output=output, method=method, nsamples=nsamples, seed=seed, keep=keep,
+                      targets=targets, max_length=max_length, batch_size=None if batch_size == "auto" else int(batch_size),
+                      device=device, dtype=dtype, chat_template=chat_template, prompt_column=prompt_column,
+                      response_column=response_column, trust_remote_code=trust_remote_code, stream=stream,
+                      spill_dir=spill_dir)
     with _progress(json_out, quiet, unit="samples") as rep:
         result = run_score(cfg, _sample_progress(rep))
-    emit(result, json_out, lambda r: _console().print(
-        f"scored {r['tensors']} tensors on {r['samples']} samples ({r['tokens']} tokens, {r['skipped']} skipped) "
-        f"in {r['seconds']:.1f} s -> {r['file']}"))
+    if distributed.is_main_process():  # under torchrun rank 0 speaks for the job
+        emit(result, json_out, lambda r: _console().print(
+            f"scored {r['tensors']} tensors on {r['samples']} samples ({r['tokens']} tokens, {r['skipped']} skipped) "
+            f"in {r['seconds']:.1f} s -> {r['file']}"))
 
 
 def _log(json_out: bool):
@@ -268,7 +274,8 @@ def run(
     from .runconfig import load_run_config
 
     result = run_pipeline(load_run_config(config, set_ or []), _log(json_out))
-    emit(result, json_out, _print_run)
+    if distributed.is_main_process():  # under torchrun ranks > 0 only score; rank 0 reports
+        emit(result, json_out, _print_run)
 
 
 def _print_run(r: dict) -> None:
@@ -366,6 +373,8 @@ def main() -> None:
     except (SpinctlError, OSError) as e:
         if os.environ.get("SPINCTL_DEBUG") == "1":
             raise
+        if distributed.failure_reported() and not distributed.is_main_process():
+            sys.exit(1)  # rank 0 has this failure and prints it, once, for the whole torchrun job
         msg = str(e) if isinstance(e, SpinctlError) else f"{getattr(e, 'filename', None) or ''}: {e.strerror or e}".lstrip(": ")
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(1)

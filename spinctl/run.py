@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from . import distributed
 from .checkpoint import open_checkpoint
 from .errors import OutputError
 from .formats import FORMAT, read_selection, write_selection
@@ -29,7 +30,9 @@ def _score_options(cfg: RunConfig) -> dict:
 
     # Resolved through the dataclass, so a default written out and one left implicit share a key.
     probe = ScoreConfig(model=cfg.model, data="", output=Path("x"), **cfg.score)
-    return {k: getattr(probe, k) for k in probe.__dataclass_fields__ if k not in ("model", "data", "output")}
+    # stream and spill_dir change where memory goes, not the scores: they stay out of the key.
+    return {k: getattr(probe, k) for k in probe.__dataclass_fields__
+            if k not in ("model", "data", "output", "stream", "spill_dir")}
 
 
 def score_all(cfg: RunConfig, log: Log) -> list[dict]:
@@ -44,7 +47,8 @@ def score_all(cfg: RunConfig, log: Log) -> list[dict]:
     for data in (cfg.retain, *cfg.couple):
         rows = read_rows(data, options["prompt_column"], options["response_column"])
         file = cfg.cache_dir / f"scores-{cache_key(ck, rows.sha256, options)}.safetensors"
-        if file.is_file():
+        # Rank 0's cache decides for all: only rank 0 reads score files, and ranks must score together.
+        if distributed.exchange(distributed.context(), cached=file.is_file())[0]["cached"]:
             log(f"scores for {data}: cached ({file.name})")
             out.append({"data": data, "file": str(file), "cached": True})
             continue
@@ -61,12 +65,15 @@ def run(cfg: RunConfig, log: Log = lambda s: None) -> dict:
     from .select import Mode, SelectConfig, run_select
     from .verify import verify
 
-    if cfg.output is not None:
-        check_output_dir(cfg.output, cfg.model)  # fail before minutes of scoring, not after
     seconds: dict[str, float] = {}
     t = time.perf_counter()
-    scores = score_all(cfg, log)
+    with distributed.session() as ctx:  # under torchrun every rank scores a share; rank 0 alone goes on
+        if cfg.output is not None and ctx.is_main:
+            check_output_dir(cfg.output, cfg.model)  # fail before minutes of scoring, not after
+        scores = score_all(cfg, log if ctx.is_main else lambda s: None)
     seconds["score"] = time.perf_counter() - t
+    if not ctx.is_main:
+        return {"rank": ctx.rank, "scores": scores}
 
     t = time.perf_counter()
     sel_cfg = SelectConfig(Path(scores[0]["file"]), tuple(Path(s["file"]) for s in scores[1:]),

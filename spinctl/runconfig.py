@@ -11,7 +11,7 @@ from .errors import InputError
 SCHEMA: dict[str, object] = {
     "model": str, "output": str, "cache_dir": str, "retain": str, "couple": list,
     "score": {"method", "nsamples", "seed", "keep", "targets", "max_length", "batch_size", "device", "dtype",
-              "chat_template", "prompt_column", "response_column"},
+              "chat_template", "prompt_column", "response_column", "stream", "spill_dir"},
     "select": {"p", "q", "mode"},
     "patch": {"in_place", "link", "no_hash"},
     "eval": {"prompts", "column", "judge", "judge_model", "judge_template", "limit", "max_new_tokens", "batch_size"},
@@ -92,6 +92,9 @@ def load_run_config(path: Path, overrides: list[str] = ()) -> RunConfig:
         raise InputError(f"{path}: give output (a new directory), or patch.in_place: true")
     base = path.resolve().parent
     cache = data.get("cache_dir") or os.environ.get("SPINCTL_CACHE") or "~/.cache/spinctl"
+    score = dict(data.get("score") or {})
+    if score.get("spill_dir"):
+        score["spill_dir"] = Path(_rel(base, str(score["spill_dir"])))
     ev = data.get("eval")
     if ev is not None:
         ev = dict(ev)
@@ -108,6 +111,6 @@ def load_run_config(path: Path, overrides: list[str] = ()) -> RunConfig:
         model=Path(_rel(base, str(data["model"]))),
         output=Path(_rel(base, str(data["output"]))) if data.get("output") and not patch.get("in_place") else None,
         cache_dir=Path(_rel(base, str(cache))), retain=_rel(base, str(data["retain"])),
-        couple=tuple(_rel(base, c) for c in couple), score=dict(data.get("score") or {}),
+        couple=tuple(_rel(base, c) for c in couple), score=score,
         select=dict(data.get("select") or {}), patch=patch, eval=ev,
     )

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import data as data_mod
+from . import distributed
 from .checkpoint import open_checkpoint
 from .errors import InputError, OutputError, SpinctlError, UnsupportedError
 from .formats import keep_count, score_meta, write_scores
@@ -43,6 +44,8 @@ class ScoreConfig:
     prompt_column: str = "prompt"
     response_column: str = "response"
     trust_remote_code: bool = False
+    stream: bool = False  # one decoder layer on the device at a time (stream_score.py)
+    spill_dir: Path | None = None  # with stream: layer inputs in files here instead of host memory
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen: normalise once)
@@ -66,6 +69,15 @@ class ScoreConfig:
         if self.dtype not in DTYPES:
             raise InputError(f"--dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
         check_spec(self.targets)
+        if not isinstance(self.stream, bool):
+            raise InputError(f"--stream {self.stream!r}: must be true or false")
+        if self.spill_dir is not None:
+            from .stream_store import check_spill_dir
+
+            set_("spill_dir", Path(self.spill_dir))
+            if not self.stream:
+                raise InputError(f"--spill-dir {self.spill_dir}: applies to --stream only; add --stream")
+            check_spill_dir(self.spill_dir)
 
 
 @dataclass
@@ -85,36 +97,58 @@ def _one_line(e: BaseException) -> str:
 
 
 def resolve_device(device: str):
+    """--device as a torch.device; under torchrun, auto (on a GPU machine) and cuda mean cuda:LOCAL_RANK."""
     import torch
 
+    ctx = distributed.context()
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not (ctx.enabled and torch.cuda.is_available()):
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda"
+    if device == "cuda" and ctx.enabled:
+        device = f"cuda:{ctx.local_rank}"  # one GPU per rank: ranks sharing a GPU would contend for it
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise UnsupportedError(f"--device {device}: CUDA is not available here; use --device cpu")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UnsupportedError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present")
+            per_node = "; start at most one rank per GPU (torchrun --nproc-per-node)" if ctx.enabled else ""
+            raise UnsupportedError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present{per_node}")
     return dev
+
+
+def resolve_dtype(dtype: str, device):
+    import torch
+
+    return getattr(torch, dtype) if dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def check_model_dir(path: Path) -> None:
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise InputError(f"{path}: not a model directory (config.json, tokenizer files, safetensors weights)")
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError, ImportError) as e:
+        raise InputError(f"{path}: cannot load the tokenizer ({_one_line(e)})") from None
 
 
 def load_model(cfg: ScoreConfig) -> LoadedModel:
     """Offline load of the model and tokenizer; remote code only when the config allows it."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     path = cfg.model
-    if not path.is_dir() or not (path / "config.json").is_file():
-        raise InputError(f"{path}: not a model directory (config.json, tokenizer files, safetensors weights)")
+    check_model_dir(path)
     open_checkpoint(path)  # validates the safetensors headers before transformers reads them
     device = resolve_device(cfg.device)
-    dtype = getattr(torch, cfg.dtype) if cfg.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = resolve_dtype(cfg.dtype, device)
     opts = {"local_files_only": True, "trust_remote_code": cfg.trust_remote_code}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **opts)
-    except (OSError, ValueError, KeyError, TypeError, ImportError) as e:
-        raise InputError(f"{path}: cannot load the tokenizer ({_one_line(e)})") from None
+    tokenizer = load_tokenizer(path, cfg.trust_remote_code)
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # the caller draws its own progress on stderr
     try:
@@ -301,8 +335,50 @@ def _accumulate(cfg: ScoreConfig, loaded: LoadedModel, acc, targets, samples, pr
         tick(-done, len(samples))
 
 
+def topk_entries(acc, nsamples: int, keep: float, model_path: Path, dtype) -> dict:
+    """name -> top-K (indices, scores) from an accumulator's (all-reduced) statistics, one tensor at a time."""
+    import torch
+
+    entries = {}
+    for name, s in acc.scores(nsamples):
+        flat = s.reshape(-1)  # row-major flat index of [out, in]
+        if not bool(torch.isfinite(flat).all()):
+            raise SpinctlError(f"{model_path}: tensor {name}: scores overflow (NaN or inf) in {dtype}; retry with --dtype float32")
+        entries[name] = topk_ranked(flat, keep_count(keep, flat.numel()))
+    return entries
+
+
+def write_score_file(cfg: ScoreConfig, entries: dict, rows, ckpt, dtype, shapes: dict, cal) -> dict:
+    """The score file (DESIGN §4) of `entries`, in target order; returns its metadata."""
+    meta = score_meta(
+        method=cfg.method.value, nsamples=cfg.nsamples, seed=cfg.seed, keep=cfg.keep, targets=cfg.targets,
+        max_length=cfg.max_length, dtype=str(dtype).removeprefix("torch."), dataset_sha256=rows.sha256,
+        dataset_rows=rows.count, fingerprint=ckpt.fingerprint(), shapes=shapes,
+        samples=len(cal.samples), skipped=cal.skipped, chat_template=cfg.chat_template,
+    )
+    if not distributed.context().is_main:
+        return meta  # under torchrun rank 0 alone writes: every rank holds the same all-reduced sums
+    try:
+        cfg.output.parent.mkdir(parents=True, exist_ok=True)
+        write_scores(cfg.output, entries, meta)
+    except OSError as e:
+        raise OutputError(f"{cfg.output}: cannot write the score file ({e.strerror or _one_line(e)})") from None
+    return meta
+
+
 def score(cfg: ScoreConfig, progress: Progress | None = None, *, loaded: LoadedModel | None = None) -> dict:
-    """Score `cfg.data` on `cfg.model`, write `cfg.output`; returns the run summary."""
+    """Score `cfg.data` on `cfg.model`, write `cfg.output`; returns the run summary.
+
+    Under torchrun each rank scores its share of the samples, the accumulators are summed
+    across ranks and rank 0 writes the file; a failure on any rank fails every rank, and
+    rank 0's error names the rank (distributed.py). Other ranks return their own share's summary.
+    """
+    with distributed.session() as ctx:
+        summary = _score(cfg, progress if ctx.is_main else None, loaded, ctx)  # one progress bar: rank 0's
+    return {**summary, "world_size": ctx.world_size}
+
+
+def _score(cfg: ScoreConfig, progress: Progress | None, loaded: LoadedModel | None, ctx) -> dict:
     import torch
 
     t0 = time.perf_counter()
@@ -314,6 +390,12 @@ def score(cfg: ScoreConfig, progress: Progress | None = None, *, loaded: LoadedM
     inputs = [rows.path, *(s.path for s in ckpt.shards), *([ckpt.index_path] if ckpt.index_path else [])]
     if any(cfg.output.resolve() == p.resolve() for p in inputs):
         raise OutputError(f"{cfg.output}: is an input of this run; choose another -o")
+    # First synchronisation point: a rank that failed to read is heard before the model loads.
+    distributed.agree(ctx, " (data or model)", data_sha256=rows.sha256, model_fingerprint=ckpt.fingerprint())
+    if cfg.stream:  # one decoder layer at a time, read from the shards; `loaded` is not used
+        from .stream_score import score_streamed
+
+        return score_streamed(cfg, rows, picked, ckpt, progress, t0)
     if loaded is None:
         loaded = load_model(cfg)
     model, device = loaded.model, loaded.device
@@ -331,31 +413,22 @@ def score(cfg: ScoreConfig, progress: Progress | None = None, *, loaded: LoadedM
         gib = sum(t.module.weight.numel() for t in targets) * 4 / 2**30
         raise SpinctlError(f"{cfg.model}: no GPU memory left for the fp32 accumulators ({gib:.1f} GiB for "
                            f"{len(targets)} tensors); narrow --targets or use a larger GPU") from None
+    local = distributed.shard_samples(samples, ctx)  # this rank's share, balanced by tokens
+    distributed.agree(ctx, " (tokenizer)", samples=len(samples), tokens=cal.tokens)  # after the load: fail before the pass
     _sync(device)
     t_pass = time.perf_counter()
-    batch_size = _accumulate(cfg, loaded, acc, targets, samples, progress)
+    batch_size = _accumulate(cfg, loaded, acc, targets, local, progress) if local else 0
+    distributed.all_reduce_(acc.acc, ctx)  # Σ over ranks; a no-op in one process
+    if not ctx.is_main:  # rank 0 takes the top-K and writes the file
+        return {"file": None, "rank": ctx.rank, "method": cfg.method.value, "samples": len(local),
+                "tokens": sum(len(s.ids) for s in local), "seconds": round(time.perf_counter() - t0, 3),
+                "device": str(device), "batch_size": batch_size}
 
-    entries = {}
-    for name, s in acc.scores(len(samples)):
-        flat = s.reshape(-1)  # row-major flat index of [out, in]
-        if not bool(torch.isfinite(flat).all()):
-            raise SpinctlError(f"{cfg.model}: tensor {name}: scores overflow (NaN or inf) in {loaded.dtype}; retry with --dtype float32")
-        entries[name] = topk_ranked(flat, keep_count(cfg.keep, flat.numel()))
+    entries = topk_entries(acc, len(samples), cfg.keep, cfg.model, loaded.dtype)
     _sync(device)
     pass_seconds = time.perf_counter() - t_pass
 
-    meta = score_meta(
-        method=cfg.method.value, nsamples=cfg.nsamples, seed=cfg.seed, keep=cfg.keep, targets=cfg.targets,
-        max_length=cfg.max_length, dtype=str(loaded.dtype).removeprefix("torch."), dataset_sha256=rows.sha256,
-        dataset_rows=rows.count, fingerprint=ckpt.fingerprint(),
-        shapes={t.name: list(t.module.weight.shape) for t in targets},
-        samples=len(samples), skipped=cal.skipped, chat_template=cfg.chat_template,
-    )
-    try:
-        cfg.output.parent.mkdir(parents=True, exist_ok=True)
-        write_scores(cfg.output, entries, meta)
-    except OSError as e:
-        raise OutputError(f"{cfg.output}: cannot write the score file ({e.strerror or _one_line(e)})") from None
+    meta = write_score_file(cfg, entries, rows, ckpt, loaded.dtype, {t.name: list(t.module.weight.shape) for t in targets}, cal)
     tokens = cal.tokens
     return {
         "file": str(cfg.output), "method": cfg.method.value, "tensors": len(entries), "samples": len(samples),
