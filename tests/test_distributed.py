@@ -15,6 +15,7 @@ import pytest
 
 from spinctl import distributed
 from spinctl.formats import read_scores
+from test_run import YAML as RUN_YAML  # the same tiny pipeline as the single-process test
 from test_score import pairs, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -297,17 +298,6 @@ def max_len(model: Path, calib: Path, n: int) -> int:
     cal = load_calibration(calib, AutoTokenizer.from_pretrained(model), n, 0, 2048)
     share = distributed.shard_samples(cal.samples, distributed.DistContext(1, 2, 1))
     return max(len(s.ids) for s in share)
-
-
-RUN_YAML = """\
-model: model
-output: {output}
-cache_dir: cache
-retain: builtin:general
-couple: [builtin:privacy, builtin:fairness]
-score: {{nsamples: 8, keep: 0.05, max_length: 64, device: cpu}}
-select: {{p: 0.01, q: 0.03, mode: reference}}
-"""
 
 
 def test_run_under_torchrun(tiny_model, tmp_path):
