@@ -128,7 +128,6 @@ class WandaAccumulator(Accumulator):
         self._last = (None, None)  # gate/up see the same input tensor: square it once
 
     def on_forward(self, name, x, output):
-        import torch
 
         if x is self._last[0]:
             self.acc[name] += self._last[1]

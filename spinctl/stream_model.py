@@ -131,7 +131,6 @@ class Skeleton:
 
 def build_skeleton(path: Path, ckpt: Checkpoint, tokenizer, device, dtype, trust_remote_code: bool = False) -> Skeleton:
     """The model from config.json with meta parameters; buffers (rotary tables) on the device."""
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     opts = {"trust_remote_code": trust_remote_code}

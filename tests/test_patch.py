@@ -13,10 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from fakes import fake_scores
-from spinctl.checkpoint import open_checkpoint
 from spinctl.formats import read_selection
 from spinctl.patch import PatchConfig, patch
-from spinctl.select import SelectConfig, run_select, select_to_file
+from spinctl.select import SelectConfig, select_to_file
 from spinctl.verify import revert, verify
 
 CASES = [("llama", "bfloat16", "40KB"), ("llama", "float32", None), ("qwen2", "float32", "100KB"), ("qwen2", "bfloat16", None)]
