@@ -96,7 +96,8 @@ def run(cfg: RunConfig, log: Log = lambda s: None) -> dict:
     check = verify(target)
     seconds["verify"] = time.perf_counter() - t
     if not check["ok"]:
-        raise OutputError(f"{target}: verification failed after patching: {check}")
+        bad = check["hash_mismatches"] + check["nonzero_tensors"]
+        raise OutputError(f"{target}: verification failed after patching ({', '.join(bad[:3])}); run spinctl verify {target}")
     log(f"patched and verified: {target}")
 
     result = {"scores": scores, "selection": str(sel_file), "selected": manifest["totals"]["zeroed"],
