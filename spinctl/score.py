@@ -139,6 +139,7 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
 
 def load_model(cfg: ScoreConfig) -> LoadedModel:
     """Offline load of the model and tokenizer; remote code only when the config allows it."""
+    import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -152,8 +153,9 @@ def load_model(cfg: ScoreConfig) -> LoadedModel:
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # the caller draws its own progress on stderr
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, device_map=str(device) if device.type == "cuda" else None, output_loading_info=True, **opts)
+        # Loaded on the host, then moved: transformers needs `accelerate`, not a dependency of
+        # spinctl, for any device_map. --stream reads one layer at a time instead.
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True, **opts)
     except (OSError, ValueError, KeyError, TypeError, ImportError, RuntimeError) as e:
         raise UnsupportedError(f"{path}: cannot load as a causal language model ({_one_line(e)})") from None
     finally:
@@ -165,6 +167,10 @@ def load_model(cfg: ScoreConfig) -> LoadedModel:
                                f"(e.g. {lacking[0]}); is it complete and of this architecture?")
     model.requires_grad_(False)  # no weight gradients: only the per-sample ones the hooks form
     model.eval()
+    try:
+        model.to(device)
+    except torch.cuda.OutOfMemoryError:
+        raise SpinctlError(f"{path}: the model does not fit in the memory of {device}; score it with --stream") from None
     return LoadedModel(path, model, tokenizer, device, dtype)
 
 

@@ -291,6 +291,27 @@ def test_renamed_checkpoint_tensor_is_refused(tiny_model, model_copy, data_csv, 
         score(config(model, data_csv, tmp_path / "s.safetensors", targets="mlp"), loaded=loaded)
 
 
+def test_load_moves_the_model_to_the_device(tiny_model, data_csv, tmp_path, monkeypatch):
+    """Loaded on the host, then moved, with no device_map (transformers serves one only with
+    `accelerate` installed); the meta device stands in for a GPU. A model too large for the
+    device fails in one line that points to --stream."""
+    import torch
+
+    import spinctl.score as sc
+
+    monkeypatch.setattr(sc, "resolve_device", lambda device: torch.device("meta"))
+    cfg = config(tiny_model(), data_csv, tmp_path / "s.safetensors")
+    loaded = sc.load_model(cfg)
+    assert {p.device.type for p in loaded.model.parameters()} == {"meta"}
+
+    def full(self, *a, **kw):
+        raise torch.cuda.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(torch.nn.Module, "to", full)
+    with pytest.raises(SpinctlError, match="does not fit in the memory of meta; score it with --stream"):
+        sc.load_model(cfg)
+
+
 def test_import_is_light():
     code = "import sys, spinctl.score, spinctl.data, spinctl.methods, spinctl.targets; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
