@@ -1,0 +1,96 @@
+"""Batch plans for CUDA, run with the device's memory queries faked: the arithmetic a GPU run
+depends on executes on every machine, not first on the GPU."""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import pytest
+
+GiB = 2**30
+AUTO = SimpleNamespace(batch_size=None)
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """The memory a fake CUDA device reports; tests change the dict."""
+    import torch
+
+    mem = dict(free=80 * GiB, total=141 * GiB, fraction=1.0, allocated=0, reserved=0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (mem["free"], mem["total"]))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev=None: mem["allocated"])
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev=None: mem["reserved"])
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda dev=None: mem["fraction"])
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev=None: SimpleNamespace(total_memory=mem["total"]))
+    return mem
+
+
+def samples(*lengths):
+    return [SimpleNamespace(ids=[0] * n) for n in lengths]
+
+
+@pytest.fixture
+def on_cuda(tiny_model):
+    """(model dir, in-memory LoadedModel, streaming Skeleton), loaded on CPU and labelled cuda."""
+    import torch
+
+    from spinctl.checkpoint import open_checkpoint
+    from spinctl.score import LoadedModel, load_model, load_tokenizer
+    from spinctl.stream_model import build_skeleton
+
+    path = tiny_model()
+    cuda = torch.device("cuda")
+    loaded = load_model(SimpleNamespace(model=path, device="cpu", dtype="bfloat16", trust_remote_code=False))
+    sk = build_skeleton(path, open_checkpoint(path), load_tokenizer(path), torch.device("cpu"), torch.bfloat16)
+    return path, LoadedModel(path, loaded.model, loaded.tokenizer, cuda, torch.bfloat16), dataclasses.replace(sk, device=cuda)
+
+
+def check_plan(plan, longest: int) -> None:
+    from spinctl.score import CUDA_MAX_BATCH
+
+    batch, budget = plan
+    assert 1 <= batch <= CUDA_MAX_BATCH and budget >= longest
+
+
+def test_in_memory_plan(fake_cuda, on_cuda):
+    from spinctl.score import CUDA_MAX_BATCH, CUDA_TOKENS, _plan
+    from spinctl.targets import select_targets
+
+    path, loaded, _ = on_cuda
+    targets = select_targets(loaded.model, "mlp", path)
+    data = samples(300, 120, 40)
+    roomy = _plan(AUTO, loaded, targets, data)
+    assert roomy == (CUDA_MAX_BATCH, CUDA_TOKENS)  # a tiny model on a large device: the caps rule
+    fake_cuda["free"] = 40 << 20
+    tight = _plan(AUTO, loaded, targets, data)
+    check_plan(tight, 300)
+    assert tight[0] < roomy[0] and tight[1] < roomy[1]
+    fake_cuda["reserved"] = 1 * GiB  # memory the allocator caches but no tensor uses is free too
+    assert _plan(AUTO, loaded, targets, data) == roomy
+    fake_cuda.update(free=0, reserved=0)
+    assert _plan(AUTO, loaded, targets, data) == (1, 300)  # never below one sample, its own tokens
+    assert _plan(SimpleNamespace(batch_size=3), loaded, targets, data) == (3, None)
+
+
+def test_stream_plan_obeys_the_process_fraction(fake_cuda, on_cuda):
+    from spinctl.score import CUDA_MAX_BATCH, CUDA_TOKENS
+    from spinctl.stream_score import HEAD_BYTES, plan_batches
+    from spinctl.targets import select_targets
+
+    path, _, sk = on_cuda
+    targets = select_targets(sk.model, "all", path)
+    data = samples(200, 50)
+    assert plan_batches(AUTO, sk, targets, data) == (CUDA_MAX_BATCH, CUDA_TOKENS)
+    # set_per_process_memory_fraction caps what this process may take, however much is free
+    fake_cuda["fraction"] = (HEAD_BYTES + (10 << 20)) / fake_cuda["total"]
+    capped = plan_batches(AUTO, sk, targets, data)
+    check_plan(capped, 200)
+    assert capped[0] < CUDA_MAX_BATCH and capped[1] < CUDA_TOKENS
+    fake_cuda["allocated"] = 4 << 20  # what the process holds already comes off its share
+    smaller = plan_batches(AUTO, sk, targets, data)
+    check_plan(smaller, 200)
+    assert smaller[0] <= capped[0] and smaller[1] < capped[1]
+    fake_cuda["fraction"] = 0.0
+    assert plan_batches(AUTO, sk, targets, data) == (1, 200)
+    assert plan_batches(SimpleNamespace(batch_size=5), sk, targets, data) == (5, None)
