@@ -50,7 +50,8 @@ def plan_batches(cfg, sk, targets, samples) -> tuple[int, int | None]:
     outer = max(sum(g[0][0]._parameters[g[0][1]].numel() for g in sk.param_groups(part)) for part in ("embed", "head")) * item
     acc = max(sum(t.module.weight.numel() for t in targets if t.layer == i) for i in range(len(sk.layers))) * 4
     dev = sk.device
-    limit = torch.cuda.get_device_properties(dev).total_memory * torch.cuda.get_per_process_memory_fraction(dev)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(dev)  # torch >= 2.6 only
+    limit = torch.cuda.get_device_properties(dev).total_memory * fraction
     free = min(torch.cuda.mem_get_info(dev)[0], limit) - torch.cuda.memory_allocated(dev)
     free = max(0.0, (free - 2 * layer - outer - acc - HEAD_BYTES) * 0.85)
     longest = max((len(s.ids) for s in samples), default=1)

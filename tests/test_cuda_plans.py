@@ -94,3 +94,16 @@ def test_stream_plan_obeys_the_process_fraction(fake_cuda, on_cuda):
     fake_cuda["fraction"] = 0.0
     assert plan_batches(AUTO, sk, targets, data) == (1, 200)
     assert plan_batches(SimpleNamespace(batch_size=5), sk, targets, data) == (5, None)
+
+
+def test_stream_plan_without_the_fraction_query(fake_cuda, on_cuda, monkeypatch):
+    """torch before 2.6 has no get_per_process_memory_fraction: the plan takes the whole device."""
+    import torch
+
+    from spinctl.score import CUDA_MAX_BATCH, CUDA_TOKENS
+    from spinctl.stream_score import plan_batches
+    from spinctl.targets import select_targets
+
+    monkeypatch.delattr(torch.cuda, "get_per_process_memory_fraction")
+    path, _, sk = on_cuda
+    assert plan_batches(AUTO, sk, select_targets(sk.model, "mlp", path), samples(30)) == (CUDA_MAX_BATCH, CUDA_TOKENS)
