@@ -113,6 +113,10 @@ def select_to_file(cfg: SelectConfig, output: Path) -> dict:
     if any(Path(output).resolve() == Path(f).resolve() for f in (cfg.retain, *cfg.couple)):
         raise OutputError(f"{output}: is one of the input score files; choose another output name")
     selected, meta = run_select(cfg)
+    try:  # as `score -o`: missing parent directories are made, once there is something to write
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{output}: cannot create its directory ({e.strerror})") from None
     write_selection(output, selected, meta)
     return summary(selected, meta, output)
 

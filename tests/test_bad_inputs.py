@@ -611,9 +611,9 @@ def select_output_is_an_input(w, tmp):
 
 
 @case
-def select_output_dir_missing(w, tmp):
+def select_output_under_a_file(w, tmp):
     r, c = w.file(tmp, "r"), w.file(tmp, "c")
-    return ["select", "--retain", r, "--couple", c, "--p", P, "--q", Q, "-o", tmp / "nodir" / "s.safetensors"], [tmp / "nodir" / "s.safetensors"]
+    return ["select", "--retain", r, "--couple", c, "--p", P, "--q", Q, "-o", r / "s.safetensors"], [r]
 
 
 @case

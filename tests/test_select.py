@@ -85,6 +85,16 @@ def test_run_select_metadata(model, tmp_path):
     assert len(meta["couple_sha256"]) == 2 and set(sel) == set(meta["shapes"])
 
 
+def test_select_to_file_makes_missing_directories(model, tmp_path):
+    from spinctl.formats import read_selection
+    from spinctl.select import select_to_file
+
+    files = [write_dense(model, tmp_path / f"s{i}.safetensors", dense_scores(model, i), keep=0.05) for i in range(2)]
+    out = tmp_path / "new" / "dir" / "sel.safetensors"
+    summary = select_to_file(SelectConfig(files[0], (files[1],), 0.01, 0.02, Mode.paper), out)
+    assert summary["file"] == str(out) and read_selection(out).meta["mode"] == "paper"
+
+
 def test_reference_mode_needs_two_couples(tmp_path):
     with pytest.raises(SpinctlError, match="exactly two"):
         SelectConfig(tmp_path / "r", (tmp_path / "a",), 0.1, 0.1, Mode.reference)
