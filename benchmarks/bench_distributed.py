@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_score import DATA_DIR, FAIRNESS, build_model  # noqa: E402
+from bench_score import build_model, parse_args  # noqa: E402
 
 SHAPE = dict(layers=8, hidden=256, intermediate=688, heads=4, vocab=4000)
 
@@ -75,12 +75,7 @@ def main() -> None:
     p.add_argument("--stream", action="store_true", help="score with --stream (layer by layer)")
     p.add_argument("--keep", type=float, default=1e-3)
     p.add_argument("--repeat", type=int, default=2, help="runs per timing, best kept (a shared CPU is noisy)")
-    p.add_argument("--data", type=Path, default=FAIRNESS)
-    p.add_argument("--data-dir", type=Path, default=DATA_DIR, help="CSVs the tokenizer is trained on")
-    p.add_argument("--workdir", type=Path, help="where the model is saved (default: a temporary directory)")
-    args = p.parse_args()
-    if not args.data.is_file():
-        sys.exit(f"{args.data}: not found; pass --data and --data-dir")
+    args = parse_args(p)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)
         from transformers.utils import logging as hf_logging

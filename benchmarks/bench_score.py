@@ -185,6 +185,17 @@ def device_flow(args, shape: dict, work: Path) -> None:
          speedup_estimate=round(ref_s * shape["rows"] / 8 / full["pass_seconds"], 1))
 
 
+def parse_args(p: argparse.ArgumentParser) -> argparse.Namespace:
+    """The benchmarks' shared options (data, tokenizer corpus, work directory), parsed and checked."""
+    p.add_argument("--data", type=Path, default=FAIRNESS)
+    p.add_argument("--data-dir", type=Path, default=DATA_DIR, help="CSVs the tokenizer is trained on")
+    p.add_argument("--workdir", type=Path, help="where the model is saved (default: a temporary directory)")
+    args = p.parse_args()
+    if not args.data.is_file():
+        sys.exit(f"{args.data}: not found; pass --data and --data-dir")
+    return args
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="cpu")
@@ -196,18 +207,13 @@ def main() -> None:
     p.add_argument("--keep", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, help="device shapes: samples per batch (default auto)")
     p.add_argument("--device", help="device shapes: cuda, cuda:N or cpu (default: cuda when present)")
-    p.add_argument("--data", type=Path, default=FAIRNESS)
-    p.add_argument("--data-dir", type=Path, default=DATA_DIR, help="CSVs the tokenizer is trained on")
-    p.add_argument("--workdir", type=Path, help="where the model is saved (default: a temporary directory)")
     p.add_argument("--repeat", type=int, default=2, help="cpu shape: spinctl runs per timing, best kept")
     p.add_argument("--skip-reference", action="store_true")
-    args = p.parse_args()
+    args = parse_args(p)
     shape = dict(SHAPES[args.shape])
     for key in ("layers", "hidden", "intermediate", "heads", "rows"):
         if getattr(args, key) is not None:
             shape[key] = getattr(args, key)
-    if not args.data.is_file():
-        sys.exit(f"{args.data}: not found; pass --data and --data-dir")
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         (cpu_flow if args.shape == "cpu" else device_flow)(args, shape, Path(tmp))
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_score import DATA_DIR, FAIRNESS, corpus  # noqa: E402
+from bench_score import corpus, parse_args  # noqa: E402
 
 GPU_SHAPES = {  # layers, hidden, intermediate, heads, vocab, rows, shard size
     "llama2-13b": dict(layers=40, hidden=5120, intermediate=13824, heads=40, vocab=32000, rows=128, shard="5GB"),
@@ -204,12 +204,7 @@ def main() -> None:
     p.add_argument("--keep", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, help="--gpu: samples per batch (default auto)")
     p.add_argument("--no-spill", action="store_true", help="CPU: skip the --spill-dir run")
-    p.add_argument("--data", type=Path, default=FAIRNESS)
-    p.add_argument("--data-dir", type=Path, default=DATA_DIR, help="CSVs the tokenizer is trained on")
-    p.add_argument("--workdir", type=Path, help="where the model is saved (default: a temporary directory)")
-    args = p.parse_args()
-    if not args.data.is_file():
-        sys.exit(f"{args.data}: not found; pass --data and --data-dir")
+    args = parse_args(p)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         if args.gpu:
             gpu_flow(args, Path(tmp))
