@@ -138,8 +138,10 @@ def resolve_dtype(dtype: str, device: str):
 
 def load_causal_lm(model_dir: str | Path, device: str = "auto", dtype: str = "auto"):
     """(model, tokenizer) from a local HF directory; never remote code, never the network."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
+
+    from .score import load_tokenizer
 
     # Its tqdm bars would interleave with the CLI's own progress display on stderr.
     hf_logging.disable_progress_bar()
@@ -148,13 +150,7 @@ def load_causal_lm(model_dir: str | Path, device: str = "auto", dtype: str = "au
         raise InputError(f"model directory {model_dir} not found or has no config.json")
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    try:
-        tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        detail = _first_line(e)
-        if "backend tokenizer" in detail:  # transformers' wording when no tokenizer file is there
-            detail = "no usable tokenizer files (tokenizer.json, tokenizer.model) found"
-        raise InputError(f"cannot load the tokenizer from {model_dir}: {detail}") from None
+    tok = load_tokenizer(model_dir)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=torch_dtype, local_files_only=True, trust_remote_code=False)

@@ -21,6 +21,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 CPU_BATCH = 8  # samples per batch on CPU: past this, bigger batches buy no speed
 CUDA_TOKENS = 4096  # padded tokens per batch on CUDA: saturates an H200, keeps 7B under 64 GiB
 CUDA_MAX_BATCH = 64
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 Progress = Callable[[int, int], None]  # progress(advance_samples, total); advance < 0 rewinds after an OOM retry
 
 
@@ -134,7 +135,10 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError, ImportError) as e:
-        raise InputError(f"{path}: cannot load the tokenizer ({_one_line(e)})") from None
+        # Without its files transformers tries converters and names what they lack (protobuf, tiktoken)
+        found = any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
+        detail = _one_line(e) if found else f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) found"
+        raise InputError(f"{path}: cannot load the tokenizer ({detail})") from None
 
 
 def load_model(cfg: ScoreConfig) -> LoadedModel:

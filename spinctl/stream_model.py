@@ -175,9 +175,16 @@ def catch_layer_inputs(sk: Skeleton, ids):
     n, first, calls = len(sk.layers), [], []
 
     class Catcher(nn.Module):
-        def __init__(self, i: int):
+        def __init__(self, i: int, layer):
             super().__init__()
             self.i = i
+            self.__dict__["layer"] = layer  # not a submodule: no parameters of its own
+
+        def __getattr__(self, name):  # the model may read the layer's attributes (attention_type)
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self.__dict__["layer"], name)
 
         def forward(self, *args, **kwargs):
             by_kw = not args
@@ -191,7 +198,7 @@ def catch_layer_inputs(sk: Skeleton, ids):
 
     originals = list(sk.layers)
     for i in range(n):
-        sk.layers[i] = Catcher(i)
+        sk.layers[i] = Catcher(i, originals[i])
     try:
         with torch.no_grad():
             sk.model.base_model(input_ids=ids, use_cache=False)

@@ -229,7 +229,7 @@ def test_bad_model_dirs(eval_model, tmp_path):
         load_causal_lm(no_weights, "cpu")
     shutil.copytree(eval_model, no_tok)
     (no_tok / "tokenizer.json").unlink()
-    with pytest.raises(SpinctlError, match="tokenizer"):
+    with pytest.raises(SpinctlError, match=r"cannot load the tokenizer \(no tokenizer files \(tokenizer.json"):
         load_causal_lm(no_tok, "cpu")
     with pytest.raises(SpinctlError, match="judge model directory"):
         ModelJudge(tmp_path / "nope", "{question} {answer}")

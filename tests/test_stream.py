@@ -203,6 +203,32 @@ def test_tied_embeddings(tmp_path, data_csv):
     assert_same(read_scores(tmp_path / "a.safetensors"), read_scores(tmp_path / "b.safetensors"))
 
 
+def test_catchers_show_the_layers_attributes(tiny_model):
+    """While catchers stand in for the decoder layers, the model may read the layers' own
+    attributes (transformers 4.5x's Qwen2 picks each layer's mask by `attention_type`)."""
+    import torch
+
+    from spinctl.checkpoint import open_checkpoint
+    from spinctl.score import load_tokenizer
+    from spinctl.stream_model import build_skeleton, catch_layer_inputs
+
+    path = tiny_model()
+    sk = build_skeleton(path, open_checkpoint(path), load_tokenizer(path), torch.device("cpu"), torch.float32)
+    sk.load("embed")
+    for i, layer in enumerate(sk.layers):
+        layer.attention_type = f"kind-{i}"
+    base, seen = sk.model.base_model, []
+    forward = base.forward
+
+    def reads_layers(**kw):
+        seen.extend(layer.attention_type for layer in base.layers)
+        return forward(**kw)
+
+    base.forward = reads_layers
+    hidden, calls = catch_layer_inputs(sk, torch.tensor([[1, 2, 3]]))
+    assert seen == ["kind-0", "kind-1"] and len(calls) == 2 and list(hidden.shape) == [1, 3, 64]
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
