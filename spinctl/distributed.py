@@ -65,6 +65,11 @@ class _State:
 
     failure_reported = False
     broken = False
+    # The tensors of the last exchange, referenced until the group is destroyed. Freed earlier,
+    # gloo's worker thread would free their Python objects as it drops the finished work, needing
+    # the GIL that destroy_process_group holds while it joins that thread: a deadlock at exit
+    # (seen with torch 2.4 and 2.6; 2.13 does not show it).
+    held: tuple = ()
 
 
 def _env_int(name: str, default: int) -> int:
@@ -190,6 +195,7 @@ def session() -> Iterator[DistContext]:
     finally:
         if owned and not _State.broken and dist.is_initialized():
             dist.destroy_process_group()
+        _State.held = ()
 
 
 def _encode(error: str | None, facts: dict) -> bytes:
@@ -216,6 +222,7 @@ def exchange(ctx: DistContext, error: BaseException | None = None, **facts: Any)
     mine = torch.frombuffer(bytearray(_encode(message, facts)), dtype=torch.uint8)  # CPU: gloo carries it
     everyone = [torch.empty_like(mine) for _ in range(ctx.world_size)]
     _collective(ctx, lambda: dist.all_gather(everyone, mine))
+    _State.held = (mine, everyone)
     statuses = [json.loads(bytes(t.numpy()).decode()) for t in everyone]
     failed = [(r, s["error"]) for r, s in enumerate(statuses) if s["error"] is not None]
     if failed:

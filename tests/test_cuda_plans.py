@@ -21,7 +21,7 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (mem["free"], mem["total"]))
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev=None: mem["allocated"])
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev=None: mem["reserved"])
-    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda dev=None: mem["fraction"])
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda dev=None: mem["fraction"], raising=False)  # torch >= 2.6
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev=None: SimpleNamespace(total_memory=mem["total"]))
     return mem
 
@@ -104,6 +104,6 @@ def test_stream_plan_without_the_fraction_query(fake_cuda, on_cuda, monkeypatch)
     from spinctl.stream_score import plan_batches
     from spinctl.targets import select_targets
 
-    monkeypatch.delattr(torch.cuda, "get_per_process_memory_fraction")
+    monkeypatch.delattr(torch.cuda, "get_per_process_memory_fraction", raising=False)
     path, _, sk = on_cuda
     assert plan_batches(AUTO, sk, select_targets(sk.model, "mlp", path), samples(30)) == (CUDA_MAX_BATCH, CUDA_TOKENS)

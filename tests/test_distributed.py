@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -122,6 +123,8 @@ def _scenario_reduce(rank, world, result):
         assert ctx.enabled and ctx.rank == rank and ctx.world_size == world
         distributed.all_reduce_(t, ctx, bucket_bytes=4096)
         result["facts"] = distributed.exchange(ctx, rank=rank, hello="x" * rank)
+        result["held"] = len(distributed._State.held)  # the last exchange's tensors outlive it...
+    result["held_after"] = len(distributed._State.held)  # ...until the group is gone (see _State)
     want = {k: sum(_tensors(r)[k] for r in range(world)) for k in t}
     result["max_error"] = max(float((t[k] - want[k]).abs().max()) if t[k].numel() else 0.0 for k in t)
     result["dtypes"] = {k: str(v.dtype) for k, v in t.items()}
@@ -168,6 +171,7 @@ def test_bucketed_all_reduce_and_exchange_on_two_ranks(tmp_path):
         assert r["max_error"] <= 1e-6
         assert r["dtypes"]["c"] == "torch.float64"
         assert r["facts"] == [{"rank": 0, "hello": ""}, {"rank": 1, "hello": "x"}]
+        assert r["held"] == 2 and r["held_after"] == 0
         assert not r["failure_reported"]
 
 
@@ -205,7 +209,16 @@ def _env() -> dict:
 def torchrun(*args, nproc: int = 2, script: Path | None = None) -> subprocess.CompletedProcess:
     entry = [str(script)] if script else ["-m", "spinctl"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *entry, *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300)
+    # Its own session: a hung run is killed with its ranks, which would otherwise outlive the test.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def assert_same_scores(a: Path, b: Path) -> None:
