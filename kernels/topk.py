@@ -123,28 +123,16 @@ def _topk_core(v, k, cap):
         t -= 1
     key = (b << 16) | t  # exact bits of the k-th largest score
     r = need - acc  # how many scores equal to it enter: the smallest indices, i.e. the first seen
-    if store:
-        for jj in range(nb):
-            i = buf[jj]
-            x = v[i]
-            if x > key:
-                out[m] = i
-                m += 1
-            elif x == key and r > 0:
-                out[m] = i
-                m += 1
+    # Pass 3: bin b's indices in index order, from the buffer or the whole array again.
+    for jj in range(nb if store else n):
+        i = buf[jj] if store else jj
+        x = v[i]
+        # bin b holds signalling NaNs above +inf; the buffer holds only bin b's positive scores
+        if x <= _INF and (x >> 16) == b and (x > key or (x == key and r > 0)):
+            if x == key:
                 r -= 1
-    else:
-        for i in range(n):
-            x = v[i]
-            if x <= _INF and (x >> 16) == b:  # bin b holds signalling NaNs above +inf
-                if x > key:
-                    out[m] = i
-                    m += 1
-                elif x == key and r > 0:
-                    out[m] = i
-                    m += 1
-                    r -= 1
+            out[m] = i
+            m += 1
     return _rank_order(v, out)
 
 
