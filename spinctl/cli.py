@@ -440,6 +440,100 @@ def _print_ppl(r: dict) -> None:
     _console().print(f"perplexity {r['ppl']:.4f} over {where}")
 
 
+def _floats(values: Optional[list[str]], flag: str) -> tuple[float, ...]:
+    """Repeated and/or comma-separated numbers: --p 1e-3,5e-3 --p 1e-2."""
+    out = []
+    for v in values or []:
+        for part in filter(None, (x.strip() for x in v.split(","))):
+            try:
+                out.append(float(part))
+            except ValueError:
+                raise typer.BadParameter(f"{part!r} is not a number", param_hint=flag) from None
+    return tuple(out)
+
+
+@app.command()
+def sweep(
+    model: Annotated[Path, typer.Argument(help="Model directory the score files were made for.")],
+    retain: RetainOpt = None,
+    couple: CoupleOpt = None,
+    p: Annotated[Optional[list[str]], typer.Option("--p", help="Retain fractions to try; repeat or comma-separate.")] = None,
+    q: Annotated[Optional[list[str]], typer.Option("--q", help="Coupled fractions to try; repeat or comma-separate.")] = None,
+    mode: Annotated[Optional[list[str]], typer.Option("--mode", help="paper and/or reference; repeat or comma-separate (default paper).")] = None,
+    targets: Annotated[Optional[list[str]], typer.Option("--targets", help="mlp, attn, all or re:REGEX on the score files' tensors; repeatable (default all).")] = None,
+    pairs: PairsOpt = None,
+    ppl_data: Annotated[Optional[Path], typer.Option("--ppl-data", help="General text: CSV/JSONL prompt/response rows (held-out rows) or a .txt file.")] = None,
+    ppl_rows: Annotated[int, typer.Option("--ppl-rows", help="Held-out rows of --ppl-data: the first N no score file was calibrated on.")] = 64,
+    seqlen: Annotated[int, typer.Option("--seqlen", help="Window length when --ppl-data is a .txt file.")] = 2048,
+    judge_prompts: Annotated[Optional[list[Path]], typer.Option("--judge-prompts", help="Questions to answer greedily and keyword-judge; repeatable.")] = None,
+    judge_limit: Annotated[Optional[int], typer.Option("--judge-limit", help="First N questions of each --judge-prompts file.")] = None,
+    judge_column: Annotated[str, typer.Option("--judge-column", help="Column of the questions in --judge-prompts.")] = "questions",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Greedy tokens per judged answer.")] = 64,
+    max_ppl_increase: Annotated[str, typer.Option("--max-ppl-increase", help="Capability budget for the best setting: 2% or 0.02.")] = "2%",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward batch (rows, pairs, generations).")] = 8,
+    max_length: Annotated[int, typer.Option("--max-length", help="Tokens per prompt+response sequence.")] = 2048,
+    resamples: Annotated[int, typer.Option("--resamples", help="Bootstrap resamples for the 95% intervals (seed 0).")] = 2000,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16, float16.")] = "auto",
+    csv_out: Annotated[Optional[Path], typer.Option("--csv", help="Write the table as CSV.")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write awareness vs perplexity as PNG (needs spinctl[plot]).")] = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+):
+    """Try p/q/mode/targets settings in memory (zero, evaluate, restore); pick the best within a ppl budget."""
+    from .sweep import SweepConfig, parse_budget, run_sweep
+    from .sweep_report import require_matplotlib, write_csv, write_plot
+
+    if retain is None or not couple:
+        raise typer.BadParameter("give --retain and at least one --couple score file")
+    pair_files = _pairs(pairs)
+    if not pair_files:
+        raise typer.BadParameter("give at least one --pairs SAFE UNSAFE", param_hint="--pairs")
+    if ppl_data is None:
+        raise typer.BadParameter("give --ppl-data FILE (general text for perplexity)", param_hint="--ppl-data")
+    ps, qs = _floats(p, "--p"), _floats(q, "--q")
+    if not ps or not qs:
+        raise typer.BadParameter("give at least one --p and one --q", param_hint="--p/--q")
+    modes = tuple(m for v in (mode or ["paper"]) for m in (x.strip() for x in v.split(",")) if m)
+    if plot is not None:
+        require_matplotlib()
+    cfg = SweepConfig(model=model, retain=retain, couple=tuple(couple), p=ps, q=qs, pairs=pair_files, ppl_data=ppl_data,
+                      modes=modes, targets=tuple(targets or ["all"]), ppl_rows=ppl_rows, seqlen=seqlen,
+                      judge_prompts=tuple(judge_prompts or ()), judge_limit=judge_limit, judge_column=judge_column,
+                      max_new_tokens=max_new_tokens, max_ppl_increase=parse_budget(max_ppl_increase),
+                      batch_size=batch_size, max_length=max_length, resamples=resamples, device=device, dtype=dtype)
+    result = run_sweep(cfg, _log(json_out or quiet))
+    if csv_out is not None:
+        write_csv(result, csv_out)
+    if plot is not None:
+        write_plot(result, plot)
+    emit(result, json_out, _print_sweep)
+
+
+def _print_sweep(r: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"sweep on {r['model']} (ppl: {r['ppl_rows'] or ''} {r['ppl_kind']} of {Path(r['ppl_data']).name})")
+    names = list(r["pair_sets"])
+    judged = list(r["rows"][0]["judged"])
+    for col in ["setting", "method", "zeroed", "ppl (Δ)"] + [f"{n} acc [95% CI] margin" for n in names] \
+            + ["awareness"] + [f"judged {n}" for n in judged] + ["s"]:
+        table.add_column(col, justify="left" if col in ("setting", "method") else "right")
+    for row in r["rows"]:
+        cells = [("★ " if row["best"] else "") + row["setting"], row["method"], f"{row['zeroed']:,}",
+                 f"{row['ppl']:.4f} ({row['ppl_change']:+.2%})"]
+        cells += [f"{a['accuracy']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}] {a['margin']:+.3f}"
+                  for a in (row["pairs"][n] for n in names)]
+        cells += [f"{row['awareness']:.4f}"]
+        cells += ["n/a" if row["judged"][n] is None else f"{row['judged'][n]:.3f}" for n in judged]
+        cells += [f"{row['seconds']:.1f}"]
+        table.add_row(*cells)
+    console = _console()
+    console.print(table)
+    console.print(f"best within +{r['max_ppl_increase']:.2%} perplexity (≤ {r['ppl_limit']:.4f}): "
+                  f"[bold]{r['best_setting']}[/] ({r['seconds']:.1f} s)")
+
+
 def main() -> None:
     """Entry point: SpinctlError (and I/O failures) become one line on stderr and exit 1."""
     try:

@@ -64,7 +64,7 @@ def load_ppl_data(path: str | Path, n_rows: int = 64, calibrated: Sequence[Calib
     usable = [int(i) for i in free if rows.responses[i].strip()]
     if len(usable) < n_rows:
         raise InputError(f"{path}: only {len(usable)} held-out rows with a response (of {rows.count}; "
-                         f"{rows.count - len(free)} used for calibration); lower the number of rows to {len(usable)} or less")
+                         f"{rows.count - len(free)} used for calibration); lower --rows (ppl) or --ppl-rows (sweep) to {len(usable)} or less")
     picked = usable[:n_rows]
     return PplData(path, None, tuple(rows.prompts[i] for i in picked), tuple(rows.responses[i] for i in picked),
                    tuple(picked), rows.count - len(free))
