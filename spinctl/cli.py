@@ -348,6 +348,7 @@ def eval_(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Questions (or --pairs responses) per batch.")] = 8,
     max_length: Annotated[int, typer.Option("--max-length", help="--pairs: tokens per prompt+response; longer ones lose their end.")] = 2048,
     resamples: Annotated[int, typer.Option("--resamples", help="--pairs: bootstrap resamples of the 95% interval (seed 0).")] = 2000,
+    pairs_limit: Annotated[Optional[int], typer.Option("--pairs-limit", help="--pairs: only the first N pairs of each set (quick runs).")] = None,
     judge: Annotated[str, typer.Option("--judge", help="keyword (our refusal and caution markers) or model.")] = "keyword",
     judge_model: Annotated[Optional[Path], typer.Option("--judge-model", help="Local causal LM that answers safe/unsafe.")] = None,
     judge_template: Annotated[Optional[Path], typer.Option("--judge-template", help="Template with {question} and {answer}.")] = None,
@@ -379,8 +380,9 @@ def eval_(
                 one["awareness"] = evaluate(cfg, rep.task(f"evaluating {m.name}", eval_steps(cfg)))
             if pair_files:
                 pcfg = PreferenceConfig(m, pair_files, tuple(exclude or ()), batch_size, max_length, resamples,
-                                        device=device, dtype=dtype)
-                steps = pair_steps(load_pair_sets(pcfg.pairs, [read_calibrated(e) for e in pcfg.exclude]))
+                                        device=device, dtype=dtype, limit=pairs_limit)
+                steps = pair_steps(load_pair_sets(pcfg.pairs, [read_calibrated(e) for e in pcfg.exclude],
+                                                  limit=pairs_limit))
                 one["preference"] = run_preference(pcfg, rep.task(f"pairs on {m.name}", steps))
             results.append(one if len(one) == 2 else next(iter(one.values())))
     result = results[0] if not compare else {"original": results[0], "compare": results[1]}
@@ -473,6 +475,7 @@ def sweep(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward batch (rows, pairs, generations).")] = 8,
     max_length: Annotated[int, typer.Option("--max-length", help="Tokens per prompt+response sequence.")] = 2048,
     resamples: Annotated[int, typer.Option("--resamples", help="Bootstrap resamples for the 95% intervals (seed 0).")] = 2000,
+    pairs_limit: Annotated[Optional[int], typer.Option("--pairs-limit", help="Only the first N pairs of each --pairs set (quick runs).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16, float16.")] = "auto",
     csv_out: Annotated[Optional[Path], typer.Option("--csv", help="Write the table as CSV.")] = None,
@@ -501,7 +504,8 @@ def sweep(
                       modes=modes, targets=tuple(targets or ["all"]), ppl_rows=ppl_rows, seqlen=seqlen,
                       judge_prompts=tuple(judge_prompts or ()), judge_limit=judge_limit, judge_column=judge_column,
                       max_new_tokens=max_new_tokens, max_ppl_increase=parse_budget(max_ppl_increase),
-                      batch_size=batch_size, max_length=max_length, resamples=resamples, device=device, dtype=dtype)
+                      batch_size=batch_size, max_length=max_length, resamples=resamples, pairs_limit=pairs_limit,
+                      device=device, dtype=dtype)
     result = run_sweep(cfg, _log(json_out or quiet))
     if csv_out is not None:
         write_csv(result, csv_out)

@@ -62,11 +62,12 @@ def _first_rows(prompts: Sequence[str], responses: Sequence[str]) -> dict[str, s
 
 
 def load_pairs(safe: str | Path, unsafe: str | Path, exclude: Sequence[Calibrated] = (),
-               name: str | None = None) -> PairSet:
+               name: str | None = None, limit: int | None = None) -> PairSet:
     """Read both files, pair their shared prompts, drop identical pairs and prompts used for calibration.
 
     A score file in `exclude` whose dataset_sha256 is SAFE's (or UNSAFE's) drops the prompts of
-    the rows it picked from that file; one scored on another file drops nothing.
+    the rows it picked from that file; one scored on another file drops nothing. `limit` keeps
+    the first pairs only (quick runs); the counts still describe the whole files.
     """
     from .data import read_rows
 
@@ -90,9 +91,11 @@ def load_pairs(safe: str | Path, unsafe: str | Path, exclude: Sequence[Calibrate
     if not kept:
         why = "were used for calibration by the excluded score files" if differ else "have identical safe and unsafe responses"
         raise InputError(f"--pairs {safe} {unsafe}: all {len(shared)} shared prompts {why}; nothing left to evaluate")
+    excluded = len(differ) - len(kept)
+    kept = kept[:limit] if limit is not None else kept
     return PairSet(name or pair_name(Path(safe)), Path(safe), Path(unsafe), tuple(kept),
                    tuple(s_first[p] for p in kept), tuple(u_first[p] for p in kept),
-                   len(shared), len(shared) - len(differ), len(differ) - len(kept), (s_rows.sha256, u_rows.sha256))
+                   len(shared), len(shared) - len(differ), excluded, (s_rows.sha256, u_rows.sha256))
 
 
 def preference_stats(nll_safe: np.ndarray, nll_unsafe: np.ndarray, resamples: int = RESAMPLES,
@@ -141,8 +144,11 @@ class PreferenceConfig:
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
+    limit: int | None = None  # first N pairs of each set (quick runs)
 
     def __post_init__(self):
+        if self.limit is not None and self.limit < 1:
+            raise InputError(f"--pairs-limit must be at least 1, got {self.limit}")
         if not self.pairs:
             raise InputError("give at least one --pairs SAFE UNSAFE")
         for pair in self.pairs:
@@ -157,9 +163,9 @@ class PreferenceConfig:
 
 
 def load_pair_sets(pairs: Sequence[tuple[Path, Path]], exclude: Sequence[Calibrated] = (),
-                   require_match: bool = True) -> list[PairSet]:
+                   require_match: bool = True, limit: int | None = None) -> list[PairSet]:
     """Every pair set, with exclusions; `require_match`: an excluded score file must match some file."""
-    sets = [load_pairs(s, u, exclude) for s, u in pairs]
+    sets = [load_pairs(s, u, exclude, limit=limit) for s, u in pairs]
     names = [p.name for p in sets]
     # Two sets from files with the same stem still get distinct names (they key the results).
     sets = [p if names.count(p.name) == 1 else replace(p, name=f"{p.name}#{i + 1}") for i, p in enumerate(sets)]
@@ -183,7 +189,7 @@ def run_preference(cfg: PreferenceConfig, progress: Progress | None = None) -> d
 
     t0 = time.perf_counter()
     exclude = [read_calibrated(e) for e in cfg.exclude]
-    sets = load_pair_sets(cfg.pairs, exclude)  # inputs checked before the model loads
+    sets = load_pair_sets(cfg.pairs, exclude, limit=cfg.limit)  # inputs checked before the model loads
     model, tok = load_causal_lm(cfg.model, cfg.device, cfg.dtype)
     results = [evaluate_pairs(model, tok, p, cfg.batch_size, cfg.max_length, cfg.resamples, cfg.seed, progress)
                for p in sets]

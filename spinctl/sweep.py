@@ -70,6 +70,7 @@ class SweepConfig:
     batch_size: int = 8
     max_length: int = 2048
     resamples: int = 2000
+    pairs_limit: int | None = None  # first N pairs of each set (quick runs)
     device: str = "auto"
     dtype: str = "auto"
 
@@ -100,6 +101,8 @@ class SweepConfig:
             raise InputError("give at least one --pairs SAFE UNSAFE: the sweep ranks settings by preference accuracy")
         if self.ppl_rows < 1 or self.seqlen < 2 or self.batch_size < 1 or self.max_new_tokens < 1:
             raise InputError("--ppl-rows, --batch-size and --max-new-tokens must be at least 1, --seqlen at least 2")
+        if self.pairs_limit is not None and self.pairs_limit < 1:
+            raise InputError(f"--pairs-limit must be at least 1, got {self.pairs_limit}")
         if self.judge_limit is not None and self.judge_limit < 1:
             raise InputError(f"--judge-limit must be at least 1, got {self.judge_limit}")
         if not (self.max_ppl_increase >= 0):
@@ -214,7 +217,7 @@ def load_probes(cfg: SweepConfig) -> Probes:
 
     calibrated = [read_calibrated(f) for f in (cfg.retain, *cfg.couple)]
     ppl = load_ppl_data(cfg.ppl_data, cfg.ppl_rows, calibrated)
-    pairs = load_pair_sets(cfg.pairs, calibrated, require_match=False)
+    pairs = load_pair_sets(cfg.pairs, calibrated, require_match=False, limit=cfg.pairs_limit)
     judge = tuple((Path(f).stem, tuple(load_questions(f, cfg.judge_column, cfg.judge_limit))) for f in cfg.judge_prompts)
     names = [n for n, _ in judge]
     judge = tuple((n if names.count(n) == 1 else f"{n}#{i + 1}", q) for i, (n, q) in enumerate(judge))

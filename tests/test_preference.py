@@ -129,6 +129,8 @@ def test_pairs_first_rows_identical_dropped(pair_files):
     assert list(ps.prompts) == [p for p in PROMPTS if p != PROMPTS[3]]  # order of first rows in SAFE
     i0, i1 = ps.prompts.index(PROMPTS[0]), ps.prompts.index(PROMPTS[1])
     assert ps.safe_responses[i0] == SAFE[0] and ps.unsafe_responses[i1] == UNSAFE[1]  # first rows win
+    short = load_pairs(*pair_files, limit=3)  # --pairs-limit: the first pairs, counts of the whole files
+    assert short.prompts == ps.prompts[:3] and (short.shared, short.identical) == (8, 1)
 
 
 def test_exclude_drops_calibration_prompts(pair_files, tiny_model, tmp_path):
