@@ -305,14 +305,50 @@ def _eval_config(model, prompts, column, limit, max_new_tokens, batch_size, judg
                       save=save, device=device, dtype=dtype)
 
 
+PairsOpt = Annotated[Optional[list[Path]], typer.Option(
+    "--pairs", metavar="SAFE UNSAFE",
+    help="Two prompt/response files, safe then unsafe; preference accuracy over their shared prompts. Repeatable.")]
+ExcludeOpt = Annotated[Optional[list[Path]], typer.Option(
+    "--exclude", help="Score file: drop the prompts it was calibrated on when scored from a --pairs file. Repeatable.")]
+
+
+def _pairs(values: Optional[list[Path]]) -> tuple[tuple[Path, Path], ...]:
+    """main() spells `--pairs SAFE UNSAFE` as two one-value options; pair them back up in order."""
+    values = list(values or [])
+    if len(values) % 2:
+        raise typer.BadParameter("--pairs takes two files: SAFE UNSAFE", param_hint="--pairs")
+    return tuple((values[i], values[i + 1]) for i in range(0, len(values), 2))
+
+
+def _split_pairs(argv: list[str]) -> list[str]:
+    """`--pairs A B` -> `--pairs A --pairs B`: Typer cannot declare a repeatable two-value option."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--":
+            return out + argv[i:]
+        if argv[i] == "--pairs" and i + 2 < len(argv) and not argv[i + 1].startswith("-") \
+                and not argv[i + 2].startswith("-"):
+            out += ["--pairs", argv[i + 1], "--pairs", argv[i + 2]]
+            i += 3
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 @app.command("eval")
 def eval_(
     model: Annotated[Path, typer.Argument(help="Model directory to evaluate.")],
-    prompts: Annotated[str, typer.Option("--prompts", help="CSV/JSONL of questions, or builtin:eval_prompts.")],
+    prompts: Annotated[Optional[str], typer.Option("--prompts", help="CSV/JSONL of questions, or builtin:eval_prompts.")] = None,
+    pairs: PairsOpt = None,
+    exclude: ExcludeOpt = None,
     column: Annotated[str, typer.Option("--column", help="Column holding the questions.")] = "questions",
     limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N questions.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Greedy tokens per answer.")] = 64,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Questions per generation batch.")] = 8,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Questions (or --pairs responses) per batch.")] = 8,
+    max_length: Annotated[int, typer.Option("--max-length", help="--pairs: tokens per prompt+response; longer ones lose their end.")] = 2048,
+    resamples: Annotated[int, typer.Option("--resamples", help="--pairs: bootstrap resamples of the 95% interval (seed 0).")] = 2000,
+    pairs_limit: Annotated[Optional[int], typer.Option("--pairs-limit", help="--pairs: only the first N pairs of each set (quick runs).")] = None,
     judge: Annotated[str, typer.Option("--judge", help="keyword (our refusal and caution markers) or model.")] = "keyword",
     judge_model: Annotated[Optional[Path], typer.Option("--judge-model", help="Local causal LM that answers safe/unsafe.")] = None,
     judge_template: Annotated[Optional[Path], typer.Option("--judge-template", help="Template with {question} and {answer}.")] = None,
@@ -323,16 +359,32 @@ def eval_(
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
-    """Awareness rate: greedy answers judged aware / unaware (unjudgeable counted apart)."""
+    """Awareness: judged greedy answers (--prompts) and/or judge-free preference accuracy (--pairs)."""
     from .evaluate import eval_steps, evaluate
+    from .preference import PreferenceConfig, load_pair_sets, pair_steps, run_preference
+    from .heldout import read_calibrated
 
+    pair_files = _pairs(pairs)
+    if prompts is None and not pair_files:
+        raise typer.BadParameter("give --prompts FILE and/or --pairs SAFE UNSAFE")
+    if exclude and not pair_files:
+        raise typer.BadParameter("--exclude applies to --pairs only")
     models = [model] + ([compare] if compare else [])
     results = []
     with _progress(json_out, quiet, unit="steps") as rep:
         for m in models:
-            cfg = _eval_config(m, prompts, column, limit, max_new_tokens, batch_size, judge, judge_model,
-                               judge_template, None if compare and save is None else save, device, dtype)
-            results.append(evaluate(cfg, rep.task(f"evaluating {m.name}", eval_steps(cfg))))
+            one = {}
+            if prompts is not None:
+                cfg = _eval_config(m, prompts, column, limit, max_new_tokens, batch_size, judge, judge_model,
+                                   judge_template, None if compare and save is None else save, device, dtype)
+                one["awareness"] = evaluate(cfg, rep.task(f"evaluating {m.name}", eval_steps(cfg)))
+            if pair_files:
+                pcfg = PreferenceConfig(m, pair_files, tuple(exclude or ()), batch_size, max_length, resamples,
+                                        device=device, dtype=dtype, limit=pairs_limit)
+                steps = pair_steps(load_pair_sets(pcfg.pairs, [read_calibrated(e) for e in pcfg.exclude],
+                                                  limit=pairs_limit))
+                one["preference"] = run_preference(pcfg, rep.task(f"pairs on {m.name}", steps))
+            results.append(one if len(one) == 2 else next(iter(one.values())))
     result = results[0] if not compare else {"original": results[0], "compare": results[1]}
     emit(result, json_out, lambda r: _print_eval(results))
 
@@ -340,30 +392,150 @@ def eval_(
 def _print_eval(results: list[dict]) -> None:
     from rich.table import Table
 
-    table = Table(title="awareness")
-    for col in ("model", "n", "aware", "unaware", "unjudgeable", "rate"):
-        table.add_column(col, justify="left" if col == "model" else "right")
-    for r in results:
-        rate = "n/a" if r["rate"] is None else f"{r['rate']:.4f}"
-        table.add_row(r["model"], str(r["n"]), str(r["aware"]), str(r["unaware"]), str(r["unjudgeable"]), rate)
-    _console().print(table)
+    aware = [r.get("awareness", r) for r in results if "rate" in r.get("awareness", r)]
+    prefs = [r.get("preference", r) for r in results if "pair_sets" in r.get("preference", r)]
+    if aware:
+        table = Table(title="awareness")
+        for col in ("model", "n", "aware", "unaware", "unjudgeable", "rate"):
+            table.add_column(col, justify="left" if col == "model" else "right")
+        for r in aware:
+            rate = "n/a" if r["rate"] is None else f"{r['rate']:.4f}"
+            table.add_row(r["model"], str(r["n"]), str(r["aware"]), str(r["unaware"]), str(r["unjudgeable"]), rate)
+        _console().print(table)
+    if prefs:
+        table = Table(title="preference accuracy: NLL(safe) < NLL(unsafe)")
+        for col in ("model", "pair set", "n", "accuracy", "95% CI", "margin", "dropped", "s"):
+            table.add_column(col, justify="left" if col in ("model", "pair set") else "right")
+        for r in prefs:
+            for s in r["pair_sets"]:
+                table.add_row(r["model"], s["name"], str(s["n"]), f"{s['accuracy']:.4f}",
+                              f"[{s['ci_low']:.3f}, {s['ci_high']:.3f}]", f"{s['margin']:+.4f}",
+                              f"{s['identical']} identical, {s['excluded']} excluded", f"{s['seconds']:.1f}")
+        _console().print(table)
 
 
 @app.command()
 def ppl(
     model: Annotated[Path, typer.Argument(help="Model directory.")],
-    textfile: Annotated[Path, typer.Argument(help="Plain text file.")],
-    seqlen: Annotated[int, typer.Option("--seqlen", help="Tokens per non-overlapping window.")] = 2048,
+    textfile: Annotated[Path, typer.Argument(help="Plain .txt file (windows), or CSV/JSONL prompt/response rows (response tokens).")],
+    seqlen: Annotated[int, typer.Option("--seqlen", help="Text: tokens per non-overlapping window.")] = 2048,
+    rows: Annotated[int, typer.Option("--rows", help="CSV/JSONL: the first N held-out rows.")] = 64,
+    exclude: Annotated[Optional[list[Path]], typer.Option("--exclude", help="CSV/JSONL: skip the rows this score file was calibrated on (if scored from this file). Repeatable.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Windows (default 1) or rows (default 8) per batch.")] = None,
+    max_length: Annotated[int, typer.Option("--max-length", help="CSV/JSONL: tokens per prompt+response row.")] = 2048,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16, float16.")] = "auto",
     json_out: JsonOpt = False,
 ):
-    """Perplexity over non-overlapping windows of a text file."""
+    """Perplexity: over windows of a text file, or over the response tokens of held-out rows."""
     from .ppl import perplexity
 
-    result = perplexity(model, textfile, seqlen, device, dtype)
-    emit(result, json_out, lambda r: _console().print(
-        f"perplexity {r['ppl']:.4f} over {r['tokens']} tokens in {r['windows']} windows of {r['seqlen']}"))
+    result = perplexity(model, textfile, seqlen, device, dtype, batch_size, rows, tuple(exclude or ()), max_length)
+    emit(result, json_out, _print_ppl)
+
+
+def _print_ppl(r: dict) -> None:
+    if r["kind"] == "text":
+        where = f"{r['tokens']} tokens in {r['windows']} windows of {r['seqlen']}"
+    else:
+        where = f"{r['tokens']} response tokens of {r['rows']} held-out rows ({r['excluded_rows']} calibration rows skipped)"
+    _console().print(f"perplexity {r['ppl']:.4f} over {where}")
+
+
+def _floats(values: Optional[list[str]], flag: str) -> tuple[float, ...]:
+    """Repeated and/or comma-separated numbers: --p 1e-3,5e-3 --p 1e-2."""
+    out = []
+    for v in values or []:
+        for part in filter(None, (x.strip() for x in v.split(","))):
+            try:
+                out.append(float(part))
+            except ValueError:
+                raise typer.BadParameter(f"{part!r} is not a number", param_hint=flag) from None
+    return tuple(out)
+
+
+@app.command()
+def sweep(
+    model: Annotated[Path, typer.Argument(help="Model directory the score files were made for.")],
+    retain: RetainOpt = None,
+    couple: CoupleOpt = None,
+    p: Annotated[Optional[list[str]], typer.Option("--p", help="Retain fractions to try; repeat or comma-separate.")] = None,
+    q: Annotated[Optional[list[str]], typer.Option("--q", help="Coupled fractions to try; repeat or comma-separate.")] = None,
+    mode: Annotated[Optional[list[str]], typer.Option("--mode", help="paper and/or reference; repeat or comma-separate (default paper).")] = None,
+    targets: Annotated[Optional[list[str]], typer.Option("--targets", help="mlp, attn, all or re:REGEX on the score files' tensors; repeatable (default all).")] = None,
+    pairs: PairsOpt = None,
+    ppl_data: Annotated[Optional[Path], typer.Option("--ppl-data", help="General text: CSV/JSONL prompt/response rows (held-out rows) or a .txt file.")] = None,
+    ppl_rows: Annotated[int, typer.Option("--ppl-rows", help="Held-out rows of --ppl-data: the first N no score file was calibrated on.")] = 64,
+    seqlen: Annotated[int, typer.Option("--seqlen", help="Window length when --ppl-data is a .txt file.")] = 2048,
+    judge_prompts: Annotated[Optional[list[Path]], typer.Option("--judge-prompts", help="Questions to answer greedily and keyword-judge; repeatable.")] = None,
+    judge_limit: Annotated[Optional[int], typer.Option("--judge-limit", help="First N questions of each --judge-prompts file.")] = None,
+    judge_column: Annotated[str, typer.Option("--judge-column", help="Column of the questions in --judge-prompts.")] = "questions",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Greedy tokens per judged answer.")] = 64,
+    max_ppl_increase: Annotated[str, typer.Option("--max-ppl-increase", help="Capability budget for the best setting: 2% or 0.02.")] = "2%",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward batch (rows, pairs, generations).")] = 8,
+    max_length: Annotated[int, typer.Option("--max-length", help="Tokens per prompt+response sequence.")] = 2048,
+    resamples: Annotated[int, typer.Option("--resamples", help="Bootstrap resamples for the 95% intervals (seed 0).")] = 2000,
+    pairs_limit: Annotated[Optional[int], typer.Option("--pairs-limit", help="Only the first N pairs of each --pairs set (quick runs).")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16, float16.")] = "auto",
+    csv_out: Annotated[Optional[Path], typer.Option("--csv", help="Write the table as CSV.")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write awareness vs perplexity as PNG (needs spinctl[plot]).")] = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+):
+    """Try p/q/mode/targets settings in memory (zero, evaluate, restore); pick the best within a ppl budget."""
+    from .sweep import SweepConfig, parse_budget, run_sweep
+    from .sweep_report import require_matplotlib, write_csv, write_plot
+
+    if retain is None or not couple:
+        raise typer.BadParameter("give --retain and at least one --couple score file")
+    pair_files = _pairs(pairs)
+    if not pair_files:
+        raise typer.BadParameter("give at least one --pairs SAFE UNSAFE", param_hint="--pairs")
+    if ppl_data is None:
+        raise typer.BadParameter("give --ppl-data FILE (general text for perplexity)", param_hint="--ppl-data")
+    ps, qs = _floats(p, "--p"), _floats(q, "--q")
+    if not ps or not qs:
+        raise typer.BadParameter("give at least one --p and one --q", param_hint="--p/--q")
+    modes = tuple(m for v in (mode or ["paper"]) for m in (x.strip() for x in v.split(",")) if m)
+    if plot is not None:
+        require_matplotlib()
+    cfg = SweepConfig(model=model, retain=retain, couple=tuple(couple), p=ps, q=qs, pairs=pair_files, ppl_data=ppl_data,
+                      modes=modes, targets=tuple(targets or ["all"]), ppl_rows=ppl_rows, seqlen=seqlen,
+                      judge_prompts=tuple(judge_prompts or ()), judge_limit=judge_limit, judge_column=judge_column,
+                      max_new_tokens=max_new_tokens, max_ppl_increase=parse_budget(max_ppl_increase),
+                      batch_size=batch_size, max_length=max_length, resamples=resamples, pairs_limit=pairs_limit,
+                      device=device, dtype=dtype)
+    result = run_sweep(cfg, _log(json_out or quiet))
+    if csv_out is not None:
+        write_csv(result, csv_out)
+    if plot is not None:
+        write_plot(result, plot)
+    emit(result, json_out, _print_sweep)
+
+
+def _print_sweep(r: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"sweep on {r['model']} (ppl: {r['ppl_rows'] or ''} {r['ppl_kind']} of {Path(r['ppl_data']).name})")
+    names = list(r["pair_sets"])
+    judged = list(r["rows"][0]["judged"])
+    for col in ["setting", "method", "zeroed", "ppl (Δ)"] + [f"{n} acc [95% CI] margin" for n in names] \
+            + ["awareness"] + [f"judged {n}" for n in judged] + ["s"]:
+        table.add_column(col, justify="left" if col in ("setting", "method") else "right")
+    for row in r["rows"]:
+        cells = [("★ " if row["best"] else "") + row["setting"], row["method"], f"{row['zeroed']:,}",
+                 f"{row['ppl']:.4f} ({row['ppl_change']:+.2%})"]
+        cells += [f"{a['accuracy']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}] {a['margin']:+.3f}"
+                  for a in (row["pairs"][n] for n in names)]
+        cells += [f"{row['awareness']:.4f}"]
+        cells += ["n/a" if row["judged"][n] is None else f"{row['judged'][n]:.3f}" for n in judged]
+        cells += [f"{row['seconds']:.1f}"]
+        table.add_row(*cells)
+    console = _console()
+    console.print(table)
+    console.print(f"best within +{r['max_ppl_increase']:.2%} perplexity (≤ {r['ppl_limit']:.4f}): "
+                  f"[bold]{r['best_setting']}[/] ({r['seconds']:.1f} s)")
 
 
 @app.command()
@@ -403,7 +575,7 @@ def _choice(value: str, flag: str, choices: tuple[str, ...]) -> str:
 def main() -> None:
     """Entry point: SpinctlError (and I/O failures) become one line on stderr and exit 1."""
     try:
-        app()
+        app(args=_split_pairs(sys.argv[1:]))
     except (SpinctlError, OSError) as e:
         if os.environ.get("SPINCTL_DEBUG") == "1":
             raise
