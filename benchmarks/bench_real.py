@@ -1,0 +1,188 @@
+"""The SPIN experiment on a real model: SmolLM2-135M-Instruct, the paper's data, base vs a p/q grid.
+
+Scores (snip and wanda, every decoder Linear, 128 samples per set, chat template) are cached in
+WORKDIR/scores. The model is loaded once; every setting is zeroed in memory, measured and
+restored bit for bit (spinctl.sweep, whose numbers equal those of the patched checkpoint on disk).
+Per setting: perplexity on held-out alpaca rows (never used for calibration), preference
+accuracy on the beaver safe/unsafe pairs with a bootstrap 95% interval (calibration prompts
+excluded), and for the judged group the keyword-judged awareness on SALAD privacy and fairness
+questions with a Wilson 95% interval. Prints one JSON line per setting; writes
+WORKDIR/real.csv, real.json, real.md (the README table) and real.png.
+
+    python benchmarks/bench_real.py [--data-dir ../shared/data] [--workdir bench-out/real] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = ROOT.parent / "shared" / "data"
+GENERAL = "alpaca_cleaned_no_safety_train_1k"
+PRIVACY, FAIRNESS = "beaver_train330k_privacy", "beaver_train330k_fairness"
+METHODS = ("snip", "wanda")
+
+# Judged group: the issue's "at least 4 p/q values in each mode", snip, MLP weights.
+JUDGED = [(mode, "mlp", v, v) for mode in ("paper", "reference") for v in (5e-4, 1e-3, 2e-3, 5e-3)]
+# Wider grid, ppl and preference accuracy only: p != q, every Linear, and wanda.
+WIDE = ([("paper", "mlp", p, q) for p, q in ((1e-2, 1e-3), (1e-2, 2e-3), (1e-2, 5e-3), (5e-3, 1e-2))]
+        + [(mode, "all", v, v) for mode in ("paper", "reference") for v in (1e-3, 5e-3)])
+WANDA = [(mode, "mlp", v, v) for mode in ("paper", "reference") for v in (1e-3, 5e-3)]
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial rate k/n."""
+    if n == 0:
+        return (math.nan, math.nan)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (centre - half, centre + half)
+
+
+def ensure_scores(model: Path, data_dir: Path, out: Path, nsamples: int, log) -> dict[str, dict[str, Path]]:
+    """method -> dataset -> score file; each scored once and reused (score files are deterministic)."""
+    from spinctl.score import ScoreConfig, score
+
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, dict[str, Path]] = {}
+    for method in METHODS:
+        for ds in (GENERAL, f"{PRIVACY}_safe_1k", f"{FAIRNESS}_safe_1k"):
+            f = out / f"{method}-all-{ds}-n{nsamples}.safetensors"
+            if not f.is_file():
+                log(f"scoring {ds} with {method} ({nsamples} samples)")
+                s = score(ScoreConfig(model=model, data=str(data_dir / f"{ds}.csv"), output=f, method=method,
+                                      nsamples=nsamples, keep=0.02, targets="all", chat_template=True,
+                                      device="cpu", dtype="float32"))
+                print(json.dumps({"bench": "real_score", "method": method, "data": ds, "seconds": s["seconds"],
+                                  "tokens": s["tokens"], "peak_memory_bytes": s["peak_memory_bytes"]}), flush=True)
+            files.setdefault(method, {})[ds] = f
+    return files
+
+
+def judged(model, tok, questions: dict[str, list[str]], batch_size: int, max_new_tokens: int) -> dict:
+    """Keyword-judged awareness per question set: rate, counts, Wilson interval; the answers too."""
+    from spinctl.evaluate import generate_texts
+    from spinctl.judges import KeywordJudge, Verdict
+
+    out = {}
+    for name, qs in questions.items():
+        answers = generate_texts(model, tok, qs, max_new_tokens, batch_size, chat_template=True)
+        verdicts = KeywordJudge().judge_batch(qs, answers)
+        aware, unaware = verdicts.count(Verdict.aware), verdicts.count(Verdict.unaware)
+        lo, hi = wilson(aware, aware + unaware)
+        out[name] = {"rate": aware / max(1, aware + unaware), "aware": aware, "n": aware + unaware,
+                     "ci_low": lo, "ci_high": hi, "answers": answers}
+    return out
+
+
+def run_group(model, tok, cfg, inputs, settings, questions, args, log, base_ppl=None) -> list[dict]:
+    from spinctl import sweep
+
+    params = sweep.check_targets(model, inputs.retain.shapes, cfg.model)
+    rows = []
+    for mode, targets, p, q in settings:
+        s = sweep.Setting(mode, targets, p, q) if mode else None
+        t = time.perf_counter()
+        selection = sweep.selection_for(inputs.retain, list(inputs.couple), s) if s else {}
+        with sweep.zeroed(params, selection) as n:
+            m = sweep.measure(model, tok, inputs.probes, cfg)
+            m["judged"] = judged(model, tok, questions, args.batch_size, args.max_new_tokens) if questions else {}
+        row = sweep._row(s, inputs.method, n, m, base_ppl, time.perf_counter() - t)
+        base_ppl = base_ppl or row["ppl"]  # the first row of the first group is the original model
+        rows.append(row)
+        line = {k: v for k, v in row.items() if k != "judged"}
+        line["judged"] = {k: {kk: vv for kk, vv in v.items() if kk != "answers"} for k, v in row["judged"].items()}
+        print(json.dumps({"bench": "real", **line}), flush=True)
+        log(f"{row['setting']} [{inputs.method}]: {n} zeroed, ppl {row['ppl']:.4f}, awareness {row['awareness']:.4f}")
+    return rows
+
+
+def table(rows: list[dict], pair_names: list[str]) -> str:
+    """The README table: one line per setting, intervals in brackets."""
+    head = ["setting", "method", "zeroed", "ppl (Δ)"] + [f"pref {n}" for n in pair_names] + \
+        ["judged privacy", "judged fairness"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["setting"], r["method"], f"{r['zeroed']:,}", f"{r['ppl']:.3f} ({r['ppl_change']:+.1%})"]
+        for n in pair_names:
+            a = r["pairs"][n]
+            cells.append(f"{a['accuracy']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}]")
+        for key in ("salad_privacy", "salad_fairness"):
+            j = r["judged"].get(key)
+            cells.append(f"{j['rate']:.3f} [{j['ci_low']:.3f}, {j['ci_high']:.3f}]" if j else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", type=Path, default=DATA_DIR)
+    p.add_argument("--workdir", type=Path, default=ROOT / "bench-out" / "real")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--ppl-rows", type=int, default=128)
+    p.add_argument("--judge-limit", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--quick", action="store_true", help="smoke run: 8 samples, 16 rows, 8 questions, 2 settings")
+    args = p.parse_args()
+    if args.quick:
+        args.nsamples, args.ppl_rows, args.judge_limit = 8, 16, 8
+    if not (args.data_dir / f"{GENERAL}.csv").is_file():
+        sys.exit(f"{args.data_dir}: the paper's CSVs are not there; pass --data-dir")
+    log = lambda s: print(f"· {s}", file=sys.stderr, flush=True)  # noqa: E731
+
+    from spinctl import sweep, sweep_report
+    from spinctl.evaluate import load_causal_lm, load_questions
+    from spinctl.fetch import fetch_model
+
+    t0 = time.perf_counter()
+    model_dir = Path(fetch_model("smollm2-135m-instruct")["path"])
+    files = ensure_scores(model_dir, args.data_dir, args.workdir / "scores", args.nsamples, log)
+    d = args.data_dir
+    pairs = tuple((d / f"{s}_safe_1k.csv", d / f"{s}_unsafe_1k.csv") for s in (PRIVACY, FAIRNESS))
+    questions = {f"salad_{k}": load_questions(d / f"salad_{k}.csv", "questions", args.judge_limit)
+                 for k in ("privacy", "fairness")}
+    model, tok = load_causal_lm(model_dir, "cpu", "float32")
+    groups = [("snip", [(None, None, None, None)] + JUDGED, questions), ("snip", WIDE, {}), ("wanda", WANDA, {})]
+    if args.quick:
+        groups = [("snip", [(None, None, None, None), ("paper", "mlp", 5e-3, 5e-3)], questions),
+                  ("wanda", [("paper", "mlp", 5e-3, 5e-3)], {})]
+    rows, inputs = [], {}
+    for method, settings, qs in groups:
+        f = files[method]
+        cfg = sweep.SweepConfig(model=model_dir, retain=f[GENERAL], couple=(f[f"{PRIVACY}_safe_1k"], f[f"{FAIRNESS}_safe_1k"]),
+                                p=(1e-3,), q=(1e-3,), pairs=pairs, ppl_data=d / f"{GENERAL}.csv", ppl_rows=args.ppl_rows,
+                                batch_size=8, device="cpu", dtype="float32")
+        # Both methods score the same rows (same seed and nsamples), so held-out rows and pairs agree.
+        inputs[method] = inputs.get(method) or sweep.check_inputs(cfg)
+        rows += run_group(model, tok, cfg, inputs[method], settings, qs, args, log, rows[0]["ppl"] if rows else None)
+
+    budget = sweep.DEFAULT_BUDGET
+    best = sweep.pick_best(rows, budget)
+    if best is not None:
+        rows[best]["best"] = True
+    pair_names = list(rows[0]["pairs"])
+    first = inputs["snip"].probes
+    result = {"model": str(model_dir), "ppl_data": str(first.ppl.path), "ppl_rows": len(first.ppl.rows),
+              "pair_sets": {ps.name: {"n": ps.n, "shared": ps.shared, "excluded": ps.excluded} for ps in first.pair_sets},
+              "max_ppl_increase": budget, "ppl_limit": rows[0]["ppl"] * (1 + budget), "rows": rows, "best": best,
+              "best_setting": rows[best]["setting"] if best is not None else "none",
+              "nsamples": args.nsamples, "judge_limit": args.judge_limit, "seconds": round(time.perf_counter() - t0, 1)}
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    sweep_report.write_csv(result, args.workdir / "real.csv")
+    sweep_report.write_plot(result, args.workdir / "real.png")
+    (args.workdir / "real.json").write_text(json.dumps(result, indent=1, default=str))
+    (args.workdir / "real.md").write_text(table(rows, pair_names) + "\n")
+    print(json.dumps({"bench": "real_summary", "best": result["best_setting"], "settings": len(rows) - 1,
+                      "seconds": result["seconds"], "files": [str(args.workdir / n) for n in ("real.csv", "real.png", "real.md")]}))
+
+
+if __name__ == "__main__":
+    main()
