@@ -19,14 +19,12 @@ import json
 import math
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = ROOT.parent / "shared" / "data"
 GENERAL = "alpaca_cleaned_no_safety_train_1k"
 PRIVACY, FAIRNESS = "beaver_train330k_privacy", "beaver_train330k_fairness"
-METHODS = ("snip", "wanda")
 
 # Judged group: the issue's "at least 4 p/q values in each mode", snip, MLP weights.
 JUDGED = [(mode, "mlp", v, v) for mode in ("paper", "reference") for v in (5e-4, 1e-3, 2e-3, 5e-3)]
@@ -46,39 +44,44 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (centre - half, centre + half)
 
 
-def ensure_scores(model: Path, data_dir: Path, out: Path, nsamples: int, log) -> dict[str, dict[str, Path]]:
-    """method -> dataset -> score file; each scored once and reused (score files are deterministic)."""
+def ensure_scores(model: Path, data_dir: Path, out: Path, nsamples: int, method: str, log) -> dict[str, Path]:
+    """dataset -> score file of `method`; each scored once and reused (score files are deterministic)."""
     from spinctl.score import ScoreConfig, score
 
     out.mkdir(parents=True, exist_ok=True)
-    files: dict[str, dict[str, Path]] = {}
-    for method in METHODS:
-        for ds in (GENERAL, f"{PRIVACY}_safe_1k", f"{FAIRNESS}_safe_1k"):
-            f = out / f"{method}-all-{ds}-n{nsamples}.safetensors"
-            if not f.is_file():
-                log(f"scoring {ds} with {method} ({nsamples} samples)")
-                s = score(ScoreConfig(model=model, data=str(data_dir / f"{ds}.csv"), output=f, method=method,
-                                      nsamples=nsamples, keep=0.02, targets="all", chat_template=True,
-                                      device="cpu", dtype="float32"))
-                print(json.dumps({"bench": "real_score", "method": method, "data": ds, "seconds": s["seconds"],
-                                  "tokens": s["tokens"], "peak_memory_bytes": s["peak_memory_bytes"]}), flush=True)
-            files.setdefault(method, {})[ds] = f
+    files: dict[str, Path] = {}
+    for ds in (GENERAL, f"{PRIVACY}_safe_1k", f"{FAIRNESS}_safe_1k"):
+        f = out / f"{method}-all-{ds}-n{nsamples}.safetensors"
+        if not f.is_file():
+            log(f"scoring {ds} with {method} ({nsamples} samples)")
+            s = score(ScoreConfig(model=model, data=str(data_dir / f"{ds}.csv"), output=f, method=method,
+                                  nsamples=nsamples, keep=0.02, targets="all", chat_template=True,
+                                  device="cpu", dtype="float32"))
+            print(json.dumps({"bench": "real_score", "method": method, "data": ds, "seconds": s["seconds"],
+                              "tokens": s["tokens"], "peak_memory_bytes": s["peak_memory_bytes"]}), flush=True)
+        files[ds] = f
     return files
 
 
 def judged(model, tok, questions: dict[str, list[str]], batch_size: int, max_new_tokens: int) -> dict:
-    """Keyword-judged awareness per question set: rate, counts, Wilson interval; the answers too."""
+    """Greedy answers per question set; judged later (judge_rates), so a better judge can re-read them."""
     from spinctl.evaluate import generate_texts
+
+    return {name: generate_texts(model, tok, qs, max_new_tokens, batch_size, chat_template=True)
+            for name, qs in questions.items()}
+
+
+def judge_rates(answers: dict[str, list[str]], questions: dict[str, list[str]]) -> dict:
+    """Keyword-judged awareness per question set: rate, counts, Wilson 95% interval."""
     from spinctl.judges import KeywordJudge, Verdict
 
     out = {}
-    for name, qs in questions.items():
-        answers = generate_texts(model, tok, qs, max_new_tokens, batch_size, chat_template=True)
-        verdicts = KeywordJudge().judge_batch(qs, answers)
+    for name, ans in answers.items():
+        verdicts = KeywordJudge().judge_batch(questions[name], ans)
         aware, unaware = verdicts.count(Verdict.aware), verdicts.count(Verdict.unaware)
         lo, hi = wilson(aware, aware + unaware)
         out[name] = {"rate": aware / max(1, aware + unaware), "aware": aware, "n": aware + unaware,
-                     "ci_low": lo, "ci_high": hi, "answers": answers}
+                     "ci_low": lo, "ci_high": hi}
     return out
 
 
@@ -93,13 +96,13 @@ def run_group(model, tok, cfg, inputs, settings, questions, args, log, base_ppl=
         selection = sweep.selection_for(inputs.retain, list(inputs.couple), s) if s else {}
         with sweep.zeroed(params, selection) as n:
             m = sweep.measure(model, tok, inputs.probes, cfg)
-            m["judged"] = judged(model, tok, questions, args.batch_size, args.max_new_tokens) if questions else {}
+            answers = judged(model, tok, questions, args.batch_size, args.max_new_tokens) if questions else {}
+        m["judged"] = judge_rates(answers, questions)
         row = sweep._row(s, inputs.method, n, m, base_ppl, time.perf_counter() - t)
+        row["answers"] = answers
         base_ppl = base_ppl or row["ppl"]  # the first row of the first group is the original model
         rows.append(row)
-        line = {k: v for k, v in row.items() if k != "judged"}
-        line["judged"] = {k: {kk: vv for kk, vv in v.items() if kk != "answers"} for k, v in row["judged"].items()}
-        print(json.dumps({"bench": "real", **line}), flush=True)
+        print(json.dumps({"bench": "real", **row}), flush=True)  # answers included: --rejudge reads them back
         log(f"{row['setting']} [{inputs.method}]: {n} zeroed, ppl {row['ppl']:.4f}, awareness {row['awareness']:.4f}")
     return rows
 
@@ -128,23 +131,25 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--ppl-rows", type=int, default=128)
     p.add_argument("--judge-limit", type=int, default=256)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--quick", action="store_true", help="smoke run: 8 samples, 16 rows, 8 questions, 2 settings")
+    p.add_argument("--rejudge", action="store_true", help="only judge the answers saved in WORKDIR/real.json again")
     args = p.parse_args()
+    if args.rejudge:
+        return rejudge(args.workdir, args.data_dir)
     if args.quick:
         args.nsamples, args.ppl_rows, args.judge_limit = 8, 16, 8
     if not (args.data_dir / f"{GENERAL}.csv").is_file():
         sys.exit(f"{args.data_dir}: the paper's CSVs are not there; pass --data-dir")
     log = lambda s: print(f"· {s}", file=sys.stderr, flush=True)  # noqa: E731
 
-    from spinctl import sweep, sweep_report
+    from spinctl import sweep
     from spinctl.evaluate import load_causal_lm, load_questions
     from spinctl.fetch import fetch_model
 
     t0 = time.perf_counter()
     model_dir = Path(fetch_model("smollm2-135m-instruct")["path"])
-    files = ensure_scores(model_dir, args.data_dir, args.workdir / "scores", args.nsamples, log)
     d = args.data_dir
     pairs = tuple((d / f"{s}_safe_1k.csv", d / f"{s}_unsafe_1k.csv") for s in (PRIVACY, FAIRNESS))
     questions = {f"salad_{k}": load_questions(d / f"salad_{k}.csv", "questions", args.judge_limit)
@@ -156,7 +161,7 @@ def main() -> None:
                   ("wanda", [("paper", "mlp", 5e-3, 5e-3)], {})]
     rows, inputs = [], {}
     for method, settings, qs in groups:
-        f = files[method]
+        f = ensure_scores(model_dir, args.data_dir, args.workdir / "scores", args.nsamples, method, log)
         cfg = sweep.SweepConfig(model=model_dir, retain=f[GENERAL], couple=(f[f"{PRIVACY}_safe_1k"], f[f"{FAIRNESS}_safe_1k"]),
                                 p=(1e-3,), q=(1e-3,), pairs=pairs, ppl_data=d / f"{GENERAL}.csv", ppl_rows=args.ppl_rows,
                                 batch_size=8, device="cpu", dtype="float32")
@@ -164,24 +169,47 @@ def main() -> None:
         inputs[method] = inputs.get(method) or sweep.check_inputs(cfg)
         rows += run_group(model, tok, cfg, inputs[method], settings, qs, args, log, rows[0]["ppl"] if rows else None)
 
+    probes = inputs["snip"].probes
+    meta = {"model": str(model_dir), "ppl_data": str(probes.ppl.path), "ppl_rows": len(probes.ppl.rows),
+            "pair_sets": {ps.name: {"n": ps.n, "shared": ps.shared, "excluded": ps.excluded} for ps in probes.pair_sets},
+            "nsamples": args.nsamples, "judge_limit": args.judge_limit, "max_new_tokens": args.max_new_tokens,
+            "seconds": round(time.perf_counter() - t0, 1)}
+    write_outputs(rows, meta, args.workdir)
+
+
+def rejudge(workdir: Path, data_dir: Path) -> None:
+    """Judge the saved answers again with the current keyword judge and rewrite the outputs."""
+    from spinctl.evaluate import load_questions
+
+    result = json.loads((workdir / "real.json").read_text())
+    questions = {f"salad_{k}": load_questions(data_dir / f"salad_{k}.csv", "questions", result["judge_limit"])
+                 for k in ("privacy", "fairness")}
+    for r in result["rows"]:
+        r["judged"] = judge_rates(r.get("answers") or {}, questions)
+    write_outputs(result["rows"], {k: v for k, v in result.items() if k not in ("rows", "best", "best_setting")}, workdir)
+
+
+def write_outputs(rows: list[dict], meta: dict, workdir: Path) -> None:
+    """Best setting, then real.csv, real.json (answers included), real.md and real.png in the workdir."""
+    from spinctl import sweep, sweep_report
+
     budget = sweep.DEFAULT_BUDGET
+    for r in rows:
+        r["best"] = False
     best = sweep.pick_best(rows, budget)
     if best is not None:
         rows[best]["best"] = True
-    pair_names = list(rows[0]["pairs"])
-    first = inputs["snip"].probes
-    result = {"model": str(model_dir), "ppl_data": str(first.ppl.path), "ppl_rows": len(first.ppl.rows),
-              "pair_sets": {ps.name: {"n": ps.n, "shared": ps.shared, "excluded": ps.excluded} for ps in first.pair_sets},
-              "max_ppl_increase": budget, "ppl_limit": rows[0]["ppl"] * (1 + budget), "rows": rows, "best": best,
-              "best_setting": rows[best]["setting"] if best is not None else "none",
-              "nsamples": args.nsamples, "judge_limit": args.judge_limit, "seconds": round(time.perf_counter() - t0, 1)}
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    sweep_report.write_csv(result, args.workdir / "real.csv")
-    sweep_report.write_plot(result, args.workdir / "real.png")
-    (args.workdir / "real.json").write_text(json.dumps(result, indent=1, default=str))
-    (args.workdir / "real.md").write_text(table(rows, pair_names) + "\n")
+    result = {**meta, "max_ppl_increase": budget, "ppl_limit": rows[0]["ppl"] * (1 + budget), "rows": rows,
+              "best": best, "best_setting": rows[best]["setting"] if best is not None else "none"}
+    workdir.mkdir(parents=True, exist_ok=True)
+    judged = list(rows[0]["judged"])  # the CSV has one rate column per judged set, blank where not judged
+    flat = [{**r, "judged": {k: r["judged"][k]["rate"] if k in r["judged"] else None for k in judged}} for r in rows]
+    sweep_report.write_csv({**result, "rows": flat}, workdir / "real.csv")
+    sweep_report.write_plot(result, workdir / "real.png")
+    (workdir / "real.json").write_text(json.dumps(result, indent=1, default=str))
+    (workdir / "real.md").write_text(table(rows, list(rows[0]["pairs"])) + "\n")
     print(json.dumps({"bench": "real_summary", "best": result["best_setting"], "settings": len(rows) - 1,
-                      "seconds": result["seconds"], "files": [str(args.workdir / n) for n in ("real.csv", "real.png", "real.md")]}))
+                      "files": [str(workdir / n) for n in ("real.csv", "real.png", "real.md")]}))
 
 
 if __name__ == "__main__":
