@@ -196,6 +196,8 @@ def write_outputs(rows: list[dict], meta: dict, workdir: Path) -> None:
     budget = sweep.DEFAULT_BUDGET
     for r in rows:
         r["best"] = False
+        if r["method"] != "snip" and not r["setting"].endswith(f"({r['method']})"):
+            r["setting"] += f" ({r['method']})"  # snip and wanda rows share their p/q labels
     best = sweep.pick_best(rows, budget)
     if best is not None:
         rows[best]["best"] = True
