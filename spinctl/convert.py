@@ -43,12 +43,14 @@ def check_gguf(path: Path):
     if arch not in ARCHITECTURES:
         raise UnsupportedError(f"{path}: architecture {arch!r} cannot be converted; "
                                f"supported: {', '.join(ARCHITECTURES)}")
-    dequantizable = set(gguf.quants._type_traits) | {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
-                                                     gguf.GGMLQuantizationType.BF16}
-    for t in reader.tensors:
-        if t.tensor_type not in dequantizable:
-            raise UnsupportedError(f"{path}: tensor {t.name} is quantized as {t.tensor_type.name}, "
-                                   "which the gguf package cannot dequantize")
+    # gguf keeps its dequantizers in a private table; without it, conversion itself reports the type.
+    traits = getattr(gguf.quants, "_type_traits", None)
+    if traits is not None:
+        plain = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
+        for t in reader.tensors:
+            if t.tensor_type not in traits and t.tensor_type not in plain:
+                raise UnsupportedError(f"{path}: tensor {t.name} is quantized as {t.tensor_type.name}, "
+                                       "which the gguf package cannot dequantize")
     return reader, arch
 
 
