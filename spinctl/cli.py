@@ -27,6 +27,13 @@ POpt = Annotated[float, typer.Option("--p", help="Fraction of each tensor in the
 QOpt = Annotated[float, typer.Option("--q", help="Fraction of each tensor in each coupled top set.")]
 
 
+def _model_path(value: str) -> Path:
+    """A model argument: a local path, or org/name[@rev] found in the Hugging Face cache (offline)."""
+    from .hub import resolve_model
+
+    return resolve_model(value)
+
+
 def _mode_opt():
     from .select import Mode
 
@@ -82,7 +89,7 @@ def _select_config(retain, couple, p, q, mode):
 
 @app.command()
 def patch(
-    model: Annotated[Path, typer.Argument(help="Model directory or .safetensors file.")],
+    model: Annotated[Path, typer.Argument(help="Model directory, .safetensors file, or Hub id org/name[@rev] in the local cache.", parser=_model_path)],
     output: Annotated[Optional[Path], typer.Argument(help="New output directory (omit with --in-place).")] = None,
     in_place: Annotated[bool, typer.Option("--in-place", help="Write zeros into MODEL itself, undo log first.")] = False,
     selection: Annotated[Optional[Path], typer.Option("--selection", "-s", help="Selection file from `spinctl select`.")] = None,
@@ -173,7 +180,7 @@ def revert(
 
 @app.command()
 def inspect(
-    file: Annotated[Path, typer.Argument(help="Score file, selection file, checkpoint file or directory.")],
+    file: Annotated[Path, typer.Argument(help="Score file, selection file, checkpoint file or directory, or a cached Hub id.", parser=_model_path)],
     json_out: JsonOpt = False,
 ):
     """Summarise a score file, a selection file or a checkpoint."""
@@ -214,7 +221,7 @@ def _sample_progress(rep):
 
 @app.command()
 def score(
-    model: Annotated[Path, typer.Argument(help="Hugging Face model directory (config, tokenizer, safetensors).")],
+    model: Annotated[Path, typer.Argument(help="Hugging Face model directory (config, tokenizer, safetensors), or Hub id org/name[@rev] in the local cache.", parser=_model_path)],
     data: Annotated[str, typer.Argument(help="Calibration CSV/JSONL with prompt and response columns, or builtin:NAME.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Score file to write (.safetensors).")],
     method: Annotated[_method_type(), typer.Option("--method", help="snip (|W|·Σ|∇W L|) or wanda (|W|·‖x‖).")] = "snip",
@@ -348,7 +355,7 @@ def _split_pairs(argv: list[str]) -> list[str]:
 
 @app.command("eval")
 def eval_(
-    model: Annotated[Path, typer.Argument(help="Model directory to evaluate.")],
+    model: Annotated[Path, typer.Argument(help="Model directory to evaluate, or a cached Hub id.", parser=_model_path)],
     prompts: Annotated[Optional[str], typer.Option("--prompts", help="CSV/JSONL of questions, or builtin:eval_prompts.")] = None,
     pairs: PairsOpt = None,
     exclude: ExcludeOpt = None,
@@ -363,7 +370,7 @@ def eval_(
     judge_model: Annotated[Optional[Path], typer.Option("--judge-model", help="Local causal LM that answers safe/unsafe.")] = None,
     judge_template: Annotated[Optional[Path], typer.Option("--judge-template", help="Template with {question} and {answer}.")] = None,
     save: Annotated[Optional[Path], typer.Option("--save", help="Write question, answer, verdict as JSONL.")] = None,
-    compare: Annotated[Optional[Path], typer.Option("--compare", help="A second (patched) model, evaluated the same way.")] = None,
+    compare: Annotated[Optional[Path], typer.Option("--compare", help="A second (patched) model, evaluated the same way.", parser=_model_path)] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16, float16.")] = "auto",
     json_out: JsonOpt = False,
@@ -426,7 +433,7 @@ def _print_eval(results: list[dict]) -> None:
 
 @app.command()
 def ppl(
-    model: Annotated[Path, typer.Argument(help="Model directory.")],
+    model: Annotated[Path, typer.Argument(help="Model directory, or a cached Hub id.", parser=_model_path)],
     textfile: Annotated[Path, typer.Argument(help="Plain .txt file (windows), or CSV/JSONL prompt/response rows (response tokens).")],
     seqlen: Annotated[int, typer.Option("--seqlen", help="Text: tokens per non-overlapping window.")] = 2048,
     rows: Annotated[int, typer.Option("--rows", help="CSV/JSONL: the first N held-out rows.")] = 64,
@@ -466,7 +473,7 @@ def _floats(values: Optional[list[str]], flag: str) -> tuple[float, ...]:
 
 @app.command()
 def sweep(
-    model: Annotated[Path, typer.Argument(help="Model directory the score files were made for.")],
+    model: Annotated[Path, typer.Argument(help="Model directory the score files were made for, or a cached Hub id.", parser=_model_path)],
     retain: RetainOpt = None,
     couple: CoupleOpt = None,
     p: Annotated[Optional[list[str]], typer.Option("--p", help="Retain fractions to try; repeat or comma-separate.")] = None,

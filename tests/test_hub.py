@@ -1,0 +1,83 @@
+"""Hub ids (org/name[@rev]) resolved offline from a cache laid out as huggingface_hub lays it out."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def hub_cache(root: Path, model: Path, repo: str = "org/tiny") -> Path:
+    """models--org--tiny/{blobs/SHA, snapshots/COMMIT/NAME -> ../../blobs/SHA, refs/main, refs/v1}."""
+    base = root / f"models--{repo.replace('/', '--')}"
+    (base / "blobs").mkdir(parents=True)
+    (base / "refs").mkdir()
+    snap = base / "snapshots" / COMMIT
+    snap.mkdir(parents=True)
+    for f in sorted(model.iterdir()):
+        data = f.read_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+        (base / "blobs" / sha).write_bytes(data)
+        os.symlink(f"../../blobs/{sha}", snap / f.name)
+    (base / "refs" / "main").write_text(COMMIT)
+    (base / "refs" / "v1").write_text(COMMIT)
+    return snap
+
+
+def cli(*args, cache: Path, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("SPINCTL_DEBUG", "HF_HUB_OFFLINE")}
+    env.update(HF_HUB_CACHE=str(cache), HF_HOME=str(cache.parent))
+    return subprocess.run([sys.executable, "-m", "spinctl", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=300)
+
+
+@pytest.fixture
+def cached(tiny_model, tmp_path):
+    cache = tmp_path / "hf" / "hub"
+    snap = hub_cache(cache, tiny_model())
+    return cache, snap
+
+
+def test_inspect_resolves_refs_and_revisions(cached, tmp_path):
+    cache, snap = cached
+    for spec in ("org/tiny", "org/tiny@main", "org/tiny@v1", f"org/tiny@{COMMIT}"):
+        r = cli("inspect", spec, "--json", cache=cache, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["path"] == str(snap)
+
+
+def test_unknown_id_says_where_it_looked(cached, tmp_path):
+    cache, _ = cached
+    for spec, tail in (("org/other", "models--org--other"), ("org/tiny@v9", "models--org--tiny")):
+        r = cli("inspect", spec, cache=cache, cwd=tmp_path)
+        assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
+        assert "not in the Hugging Face cache" in r.stderr and str(cache / tail) in r.stderr
+
+
+def test_score_and_patch_by_hub_id(cached, tiny_model, tmp_path):
+    """Same fingerprint however the model is named; out of place works; in place refused (shared blobs)."""
+    from conftest import TEXTS
+
+    cache, snap = cached
+    data = tmp_path / "d.csv"
+    data.write_text("prompt,response\n" + "".join(f"q{i},{t}\n" for i, t in enumerate(TEXTS[:8])))
+    by_id, by_dir = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    for model, out in (("org/tiny", by_id), (tiny_model(), by_dir)):
+        r = cli("score", model, data, "-o", out, "--nsamples", 4, "--keep", 0.05, "--device", "cpu", "--quiet",
+                cache=cache, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+    assert by_id.read_bytes() == by_dir.read_bytes()
+    sel = ["--retain", by_id, "--couple", by_id, "--p", 0.01, "--q", 0.02]
+    r = cli("patch", "org/tiny", tmp_path / "out", *sel, "--quiet", cache=cache, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    blobs = {p.name: p.read_bytes() for p in (snap.parent.parent / "blobs").iterdir()}
+    r = cli("patch", "org/tiny", "--in-place", *sel, "--quiet", cache=cache, cwd=tmp_path)
+    assert r.returncode == 1 and "symlink" in r.stderr
+    assert {p.name: p.read_bytes() for p in (snap.parent.parent / "blobs").iterdir()} == blobs
