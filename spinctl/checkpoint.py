@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import untrusted
 from .errors import InputError, UnsupportedError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -91,7 +92,7 @@ def read_shard(path: Path) -> Shard:
     except IsADirectoryError:
         raise InputError(f"{path}: is a directory, expected a .safetensors file") from None
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        header = untrusted.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError) as e:
         raise InputError(f"{path}: header is not valid UTF-8 JSON ({e}); the file is corrupt or not safetensors") from None
     if not isinstance(header, dict):
@@ -214,7 +215,7 @@ def open_checkpoint(path: Path) -> Checkpoint:
 
 def _index_files(index: Path) -> list[str]:
     try:
-        data = json.loads(index.read_text("utf-8"))
+        data = untrusted.loads(index.read_text("utf-8"))
         weight_map = data["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise ValueError("weight_map must map tensor names to file names")
@@ -229,7 +230,7 @@ def _index_files(index: Path) -> list[str]:
 
 
 def _check_index(index: Path, tensors: dict[str, TensorEntry]) -> None:
-    weight_map = json.loads(index.read_text("utf-8"))["weight_map"]
+    weight_map = untrusted.loads(index.read_text("utf-8"))["weight_map"]  # parsed once already: valid
     for name, fn in weight_map.items():
         t = tensors.get(name)
         if t is None or t.file.name != fn:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from . import untrusted
 from .errors import InputError
 
 BUILTIN_PREFIX = "builtin:"
@@ -84,9 +84,9 @@ def _parse_json(path: Path, text: str) -> tuple[list[dict], list[str]]:
     stripped = text.lstrip()
     try:
         if path.suffix == ".json" and stripped.startswith("["):
-            records = json.loads(text)
+            records = untrusted.loads(text)
         else:
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+            records = [untrusted.loads(line) for line in text.splitlines() if line.strip()]
     except ValueError as e:
         raise InputError(f"{path}: not valid JSON Lines ({e}); one JSON object per line is expected") from None
     columns: dict[str, None] = {}

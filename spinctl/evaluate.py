@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from . import untrusted
 from .errors import InputError, OutputError
 from .judges import JUDGES, JudgeName, KeywordJudge, ModelJudge, Verdict
 
@@ -104,9 +105,9 @@ def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"prompts file {path}, line {lineno}: invalid JSON ({e.msg})") from None
+                row = untrusted.loads(line)
+            except ValueError as e:
+                raise InputError(f"prompts file {path}, line {lineno}: invalid JSON ({getattr(e, 'msg', e)})") from None
             if not isinstance(row, dict):
                 raise InputError(f"prompts file {path}, line {lineno}: expected a JSON object")
             rows.append(row)
@@ -154,7 +155,7 @@ def load_causal_lm(model_dir: str | Path, device: str = "auto", dtype: str = "au
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=torch_dtype, local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:  # RecursionError: config.json nested `[` x 100000
         raise InputError(f"cannot load a causal LM from {model_dir}: {_first_line(e)}") from None
     model.to(dev).eval()
     # Left padding: every prompt then ends at the last column, where generation continues.

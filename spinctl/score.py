@@ -93,6 +93,8 @@ class LoadedModel:
 
 
 def _one_line(e: BaseException) -> str:
+    if isinstance(e, RecursionError):  # json inside transformers, on a config or tokenizer file nested `[` x 100000
+        return "a JSON file of the model is nested too deeply"
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
 
@@ -134,7 +136,7 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
 
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError, TypeError, ImportError) as e:
+    except (OSError, ValueError, KeyError, TypeError, ImportError, RecursionError) as e:
         # Without its files transformers tries converters and names what they lack (protobuf, tiktoken)
         found = any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
         detail = _one_line(e) if found else f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) found"
