@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from . import untrusted
-from .errors import InputError, OutputError
+from .devices import check_device
+from .errors import InputError, OutputError, UsageError
 from .judges import JUDGES, JudgeName, KeywordJudge, ModelJudge, Verdict
 
 Progress = Callable[[int], None]
@@ -42,17 +43,18 @@ class EvalConfig:
         judge = self.judge.value if isinstance(self.judge, JudgeName) else str(self.judge)
         object.__setattr__(self, "judge", judge)
         if judge not in JUDGES:
-            raise InputError(f"unknown judge {judge!r}; choose one of {', '.join(JUDGES)}")
+            raise UsageError(f"unknown judge {judge!r}; choose one of {', '.join(JUDGES)}")
         if judge == JudgeName.model.value and (self.judge_model is None or self.judge_template is None):
-            raise InputError("the model judge needs both --judge-model DIR and --judge-template FILE")
+            raise UsageError("the model judge needs both --judge-model DIR and --judge-template FILE")
         if self.limit is not None and self.limit < 1:
-            raise InputError(f"--limit must be at least 1, got {self.limit}")
+            raise UsageError(f"--limit must be at least 1, got {self.limit}")
         if self.max_new_tokens < 1:
-            raise InputError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+            raise UsageError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
         if self.batch_size < 1:
-            raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
+            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.dtype not in DTYPES:
-            raise InputError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+            raise UsageError(f"--dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
+        check_device(self.device)
 
 
 # ---------------------------------------------------------------- questions

@@ -6,7 +6,8 @@ import math
 import time
 from pathlib import Path
 
-from .errors import InputError
+from .devices import check_device
+from .errors import InputError, UsageError
 
 
 def split_windows(n_tokens: int, seqlen: int) -> list[tuple[int, int]]:
@@ -41,10 +42,15 @@ def perplexity(model_dir: str | Path, text_path: str | Path, seqlen: int = 2048,
 
     from .evaluate import load_causal_lm
 
+    from .evaluate import DTYPES
+
     if seqlen < 2:
-        raise InputError(f"--seqlen must be at least 2, got {seqlen}")
+        raise UsageError(f"--seqlen must be at least 2, got {seqlen}")
     if batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    check_device(device)
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     t0 = time.perf_counter()
     text = read_text(text_path)
     model, tok = load_causal_lm(model_dir, device, dtype)

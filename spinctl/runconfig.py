@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -80,9 +79,12 @@ def _batch(v):
 
 
 def _device(v):
-    if isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
-        return v
-    raise ValueError("must be auto, cpu, cuda or cuda:N")
+    from .devices import FORMS, check_device
+
+    try:
+        return check_device(v)
+    except InputError:
+        raise ValueError(f"must be {FORMS}") from None
 
 
 def _targets(v):
@@ -215,6 +217,9 @@ def _check_values(path: Path, data: dict) -> None:
                 parent[k] = fn(parent[k])
             except ValueError as e:
                 raise InputError(f"{path}: {name} {e}, got {_short(parent[k])}") from None
+    score = data.get("score") or {}
+    if score.get("spill_dir") and not score.get("stream"):
+        raise InputError(f"{path}: score.spill_dir applies to score.stream: true only")
     ev = data.get("eval")
     if ev is not None:
         if "prompts" not in ev:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import resource
 import time
 from dataclasses import dataclass
@@ -12,7 +11,8 @@ from typing import Any, Callable
 from . import data as data_mod
 from . import distributed
 from .checkpoint import open_checkpoint
-from .errors import InputError, OutputError, SpinctlError, UnsupportedError
+from .devices import check_device
+from .errors import InputError, OutputError, SpinctlError, UnsupportedError, UsageError
 from .formats import keep_count, score_meta, write_scores
 from .methods import METHODS, Method, response_loss
 from .targets import check_spec, decoder_layers, select_targets
@@ -56,28 +56,27 @@ class ScoreConfig:
         try:
             set_("method", Method(self.method))
         except ValueError:
-            raise InputError(f"--method {self.method!r}: expected one of {', '.join(m.value for m in Method)}") from None
+            raise UsageError(f"--method {self.method!r}: expected one of {', '.join(m.value for m in Method)}") from None
         if not (isinstance(self.keep, (int, float)) and 0 < self.keep <= 1):
-            raise InputError(f"--keep {self.keep}: must be in (0, 1]")
+            raise UsageError(f"--keep {self.keep}: must be in (0, 1]")
         for name, low in (("nsamples", 1), ("seed", 0), ("max_length", 2)):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < low:
-                raise InputError(f"--{name.replace('_', '-')} {value}: must be an integer >= {low}")
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise UsageError(f"--{name.replace('_', '-')} {value}: must be an integer >= {low}")
         if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
-            raise InputError(f"--batch-size {self.batch_size}: must be an integer >= 1 (or auto)")
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            raise InputError(f"--device {self.device!r}: expected auto, cpu, cuda or cuda:N")
+            raise UsageError(f"--batch-size {self.batch_size}: must be an integer >= 1 (or auto)")
+        check_device(self.device)
         if self.dtype not in DTYPES:
-            raise InputError(f"--dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
+            raise UsageError(f"--dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
         check_spec(self.targets)
         if not isinstance(self.stream, bool):
-            raise InputError(f"--stream {self.stream!r}: must be true or false")
+            raise UsageError(f"--stream {self.stream!r}: must be true or false")
         if self.spill_dir is not None:
             from .stream_store import check_spill_dir
 
             set_("spill_dir", Path(self.spill_dir))
             if not self.stream:
-                raise InputError(f"--spill-dir {self.spill_dir}: applies to --stream only; add --stream")
+                raise UsageError(f"--spill-dir {self.spill_dir}: applies to --stream only; add --stream")
             check_spill_dir(self.spill_dir)
 
 
