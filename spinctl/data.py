@@ -172,6 +172,16 @@ def tokenize(tokenizer, prompts: list[str], responses: list[str], max_length: in
     return out
 
 
+def pad_id(tokenizer, vocab_size: int) -> int:
+    """The id to pad batches with: the tokenizer's pad, else eos, bos, unk, else 0, the first inside
+    the model's embedding. Pads are never attended, so any real id pads the same; the tokenizer's own
+    can lie past the embedding (fine-tunes that add `<pad>` without resizing it) and index out of range."""
+    for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.unk_token_id):
+        if isinstance(i, int) and 0 <= i < vocab_size:
+            return i
+    return 0
+
+
 def has_response(ids: list[int] | tuple[int, ...], n_prompt: int) -> bool:
     """A sample counts if at least one response token is predicted (the shifted loss needs t >= 1)."""
     return len(ids) > max(n_prompt, 1)

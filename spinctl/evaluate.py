@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from . import untrusted
+from .data import pad_id
 from .devices import check_device
 from .errors import InputError, OutputError, UsageError
 from .judges import JUDGES, JudgeName, KeywordJudge, ModelJudge, Verdict
@@ -162,9 +163,11 @@ def load_causal_lm(model_dir: str | Path, device: str = "auto", dtype: str = "au
     model.to(dev).eval()
     # Left padding: every prompt then ends at the last column, where generation continues.
     tok.padding_side = "left"
-    if tok.pad_token is None:
-        # Pad ids are masked out, so any real token will do; eos is the usual choice.
-        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(0)
+    vocab = model.get_input_embeddings().num_embeddings
+    if tok.pad_token_id is None or not 0 <= tok.pad_token_id < vocab:
+        # Pad ids are masked out, so any real token will do (eos first); one past the
+        # embedding (an added `<pad>`) would index out of range in every batch.
+        tok.pad_token = tok.convert_ids_to_tokens(pad_id(tok, vocab))
     return model, tok
 
 

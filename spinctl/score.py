@@ -319,8 +319,7 @@ def _accumulate(cfg: ScoreConfig, loaded: LoadedModel, acc, targets, samples, pr
 
     first_layer = decoder_layers(loaded.model, cfg.model)[1][min(t.layer for t in targets)]
     batch_size, budget = _plan(cfg, loaded, targets, samples)
-    tok = loaded.tokenizer
-    pad_id = next((i for i in (tok.pad_token_id, tok.eos_token_id) if i is not None), 0)
+    pad_id = data_mod.pad_id(loaded.tokenizer, loaded.model.get_input_embeddings().num_embeddings)
     done = 0
 
     def tick(n: int, total: int) -> None:

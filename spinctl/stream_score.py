@@ -209,7 +209,7 @@ def score_streamed(cfg, rows, picked, ckpt, progress=None, t0: float | None = No
     local = distributed.shard_samples(ordered, ctx)
     batch_size, budget = plan_batches(cfg, sk, targets, local)
     batches = sc.make_batches(local, batch_size, budget)
-    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    pad_id = data_mod.pad_id(tokenizer, sk.model.get_input_embeddings().num_embeddings)
 
     t_pass = time.perf_counter()
     with Boundaries(device, cfg.spill_dir) as store:
