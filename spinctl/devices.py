@@ -14,3 +14,11 @@ def check_device(device: object, flag: str = "--device") -> str:
     if not (isinstance(device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", device)):
         raise UsageError(f"{flag} {device!r}: expected {FORMS}")
     return device
+
+
+def check_rank_device(device: str, world_size: int, flag: str = "--device") -> None:
+    """Under torchrun each rank takes cuda:LOCAL_RANK (score.resolve_device); a fixed cuda:N would
+    put every rank of the job on that one GPU, contending for its memory."""
+    if world_size > 1 and re.fullmatch(r"cuda:\d+", device):
+        raise UsageError(f"{flag} {device}: under torchrun ({world_size} ranks) every rank would use that one GPU; "
+                         f"use --device cuda or auto (each rank takes cuda:LOCAL_RANK), or limit GPUs with CUDA_VISIBLE_DEVICES")

@@ -11,7 +11,7 @@ from typing import Any, Callable
 from . import data as data_mod
 from . import distributed
 from .checkpoint import open_checkpoint
-from .devices import check_device
+from .devices import check_device, check_rank_device
 from .errors import InputError, OutputError, SpinctlError, UnsupportedError, UsageError
 from .formats import keep_count, score_meta, write_scores
 from .methods import METHODS, Method, response_loss
@@ -66,6 +66,7 @@ class ScoreConfig:
         if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
             raise UsageError(f"--batch-size {self.batch_size}: must be an integer >= 1 (or auto)")
         check_device(self.device)
+        check_rank_device(self.device, distributed.context().world_size)
         if self.dtype not in DTYPES:
             raise UsageError(f"--dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
         check_spec(self.targets)
@@ -383,7 +384,11 @@ def score(cfg: ScoreConfig, progress: Progress | None = None, *, loaded: LoadedM
     across ranks and rank 0 writes the file; a failure on any rank fails every rank, and
     rank 0's error names the rank (distributed.py). Other ranks return their own share's summary.
     """
-    with distributed.session() as ctx:
+    import torch
+
+    # snip needs autograd whatever mode the caller is in: under torch.no_grad() no gradient
+    # reached the hooks, and inference mode would refuse to record one.
+    with distributed.session() as ctx, torch.inference_mode(False), torch.enable_grad():
         summary = _score(cfg, progress if ctx.is_main else None, loaded, ctx)  # one progress bar: rank 0's
     return {**summary, "world_size": ctx.world_size}
 
