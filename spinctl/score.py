@@ -23,6 +23,18 @@ CUDA_TOKENS = 4096  # padded tokens per batch on CUDA: saturates an H200, keeps 
 CUDA_MAX_BATCH = 64
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 Progress = Callable[[int, int], None]  # progress(advance_samples, total); advance < 0 rewinds after an OOM retry
+# fp16 has 5 exponent bits: a per-sample gradient of a mean token loss (at the logits about
+# 1 / (response tokens · vocab)) falls below its smallest subnormal, 6e-8, and becomes zero.
+# snip's backward runs on the loss times 2^k; the fp32 accumulators are divided by 2^k after
+# (exact). An overflow (inf or NaN in the accumulators) reruns the pass at 2^(k-4), down to 2^0.
+# bf16 and fp32 have fp32's exponent range: no scale.
+LOSS_SCALE_LOG2 = {"float16": 12}
+LOSS_SCALE_STEP = 4
+
+
+def loss_scale_log2(dtype) -> int:
+    """The first loss scale (log2) for a model dtype (torch.dtype)."""
+    return LOSS_SCALE_LOG2.get(str(dtype).removeprefix("torch."), 0)
 
 
 @dataclass(frozen=True)
@@ -214,7 +226,8 @@ def _grad_from_here(module, args, kwargs):
     return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach().requires_grad_()}
 
 
-def run_pass(model, acc, batches: list[list], pad_id: int, device, first_layer, progress: Progress | None = None) -> None:
+def run_pass(model, acc, batches: list[list], pad_id: int, device, first_layer, progress: Progress | None = None,
+             loss_scale: float = 1.0) -> None:
     """Feed every batch through the model with `acc` hooked in (snip: forward + backward).
 
     No attention mask: with right padding and causal attention no real position sees a
@@ -232,7 +245,7 @@ def run_pass(model, acc, batches: list[list], pad_id: int, device, first_layer, 
                 acc.begin_batch(len(batch), positions)
                 if acc.needs_grad:
                     logits = model(input_ids=ids, use_cache=False).logits  # [B, T, V]
-                    response_loss(logits, labels).backward()
+                    (response_loss(logits, labels) * loss_scale).backward()  # fp32 loss: the scale is exact
                     del logits
                 else:
                     with torch.no_grad():
@@ -313,7 +326,8 @@ def _check_checkpoint(model_path: Path, ckpt, targets) -> None:
                                    f"checkpoint; spinctl needs weights stored as the model uses them")
 
 
-def _accumulate(cfg: ScoreConfig, loaded: LoadedModel, acc, targets, samples, progress: Progress | None) -> int:
+def _accumulate(cfg: ScoreConfig, loaded: LoadedModel, acc, targets, samples, progress: Progress | None,
+                loss_scale: float = 1.0) -> int:
     """The whole pass, restarted with half the batch after a CUDA out-of-memory in auto mode.
     Returns the largest batch used."""
     import torch
@@ -332,7 +346,7 @@ def _accumulate(cfg: ScoreConfig, loaded: LoadedModel, acc, targets, samples, pr
     while True:
         batches = make_batches(samples, batch_size, budget)
         try:
-            run_pass(loaded.model, acc, batches, pad_id, loaded.device, first_layer, tick)
+            run_pass(loaded.model, acc, batches, pad_id, loaded.device, first_layer, tick, loss_scale)
             return max(len(b) for b in batches)
         except torch.cuda.OutOfMemoryError:
             pass  # handled below, outside the except block, so the failed graph is freed first
@@ -432,8 +446,18 @@ def _score(cfg: ScoreConfig, progress: Progress | None, loaded: LoadedModel | No
     distributed.agree(ctx, " (tokenizer)", samples=len(samples), tokens=cal.tokens)  # after the load: fail before the pass
     _sync(device)
     t_pass = time.perf_counter()
-    batch_size = _accumulate(cfg, loaded, acc, targets, local, progress) if local else 0
-    distributed.all_reduce_(acc.acc, ctx)  # Σ over ranks; a no-op in one process
+    scale_log2 = loss_scale_log2(loaded.dtype) if acc.needs_grad else 0
+    while True:
+        batch_size = _accumulate(cfg, loaded, acc, targets, local, progress, 2.0**scale_log2) if local else 0
+        distributed.all_reduce_(acc.acc, ctx)  # Σ over ranks; a no-op in one process
+        # Every rank sees the same sums, so every rank takes the same branch here.
+        if scale_log2 == 0 or acc.all_finite():
+            break
+        scale_log2 = max(0, scale_log2 - LOSS_SCALE_STEP)  # overflowed: again, at a smaller scale
+        acc.reset()
+        if progress and local:
+            progress(-len(local), len(local))
+    acc.unscale_(2.0**scale_log2)
     if not ctx.is_main:  # rank 0 takes the top-K and writes the file
         return {"file": None, "rank": ctx.rank, "method": cfg.method.value, "samples": len(local),
                 "tokens": sum(len(s.ids) for s in local), "seconds": round(time.perf_counter() - t0, 3),
@@ -450,5 +474,5 @@ def _score(cfg: ScoreConfig, progress: Progress | None, loaded: LoadedModel | No
         "skipped": cal.skipped, "tokens": tokens, "seconds": round(time.perf_counter() - t0, 3),
         "tokens_per_s": round(tokens / pass_seconds, 1), "peak_memory_bytes": _peak_bytes(device),
         "device": str(device), "dtype": meta["dtype"], "batch_size": batch_size,
-        "pass_seconds": round(pass_seconds, 3),
+        "pass_seconds": round(pass_seconds, 3), "loss_scale": 2**scale_log2,
     }

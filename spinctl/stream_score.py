@@ -30,6 +30,10 @@ from .targets import select_targets
 HEAD_BYTES = 256 << 20  # logits and their gradients at the head, per slice of a batch
 
 
+class _Overflow(Exception):
+    """A layer's scaled fp16 gradients overflowed: the sweeps start again at a smaller loss scale."""
+
+
 def plan_batches(cfg, sk, targets, samples) -> tuple[int, int | None]:
     """(samples per batch, padded-token budget or None): as in-memory on CPU; on CUDA sized
     for one layer's activations within this process's share of the device."""
@@ -62,8 +66,9 @@ def plan_batches(cfg, sk, targets, samples) -> tuple[int, int | None]:
 class _Sweeps:
     """The two sweeps over one model and one set of batches; `entries` collects top-K per weight."""
 
-    def __init__(self, cfg, sk, targets, batches, store, nsamples: int, progress, ctx):
+    def __init__(self, cfg, sk, targets, batches, store, nsamples: int, progress, ctx, loss_scale: float = 1.0):
         self.cfg, self.sk, self.batches, self.store = cfg, sk, batches, store
+        self.loss_scale = loss_scale  # snip: the head's loss is multiplied by it (score.LOSS_SCALE_LOG2)
         self.nsamples = nsamples  # all samples of the run (wanda's N), whatever this rank scores
         self.by_layer: dict[int, dict] = {}
         for t in targets:
@@ -75,6 +80,7 @@ class _Sweeps:
         steps = 1 + self.n_fwd + (1 + self.L - self.first if self.snip else 0)
         self.total = sum(len(b) for b in batches) * steps
         self.progress = progress
+        self.done = 0  # progress reported so far, rewound if the sweeps start again
         self.ctx = ctx  # distributed.DistContext: accumulators are summed across ranks per layer
         self.entries: dict = {}
         self.calls: list = []  # per batch: per layer (by_kw, args, kwargs)
@@ -82,6 +88,7 @@ class _Sweeps:
         self.positions: list = []  # per batch: [B, T] bool, response positions
 
     def _tick(self, n: int) -> None:
+        self.done += n
         if self.progress:
             self.progress(n, self.total)
 
@@ -94,6 +101,10 @@ class _Sweeps:
         from .score import topk_entries
 
         distributed.all_reduce_(acc.acc, self.ctx)
+        if self.loss_scale != 1:  # every rank sees the same sums: all raise, or none
+            if not acc.all_finite():
+                raise _Overflow
+            acc.unscale_(self.loss_scale)
         if self.ctx.is_main:
             self.entries.update(topk_entries(acc, self.nsamples, self.cfg.keep, self.cfg.model, self.sk.dtype))
 
@@ -154,7 +165,8 @@ class _Sweeps:
                 h = x[lo : lo + rows].detach().requires_grad_()
                 with torch.enable_grad():
                     logits = lm_head(norm(h))  # [rows, T, V]
-                    response_loss(logits, self.labels[b][lo : lo + rows]).backward()  # row s of h.grad: dL_s/dh_s
+                    loss = response_loss(logits, self.labels[b][lo : lo + rows]) * self.loss_scale  # fp32: exact
+                    loss.backward()  # row s of h.grad: dL_s/dh_s (times the loss scale)
                     del logits
                 grads.append(h.grad)
             store.put(self.L, b, grads[0] if len(grads) == 1 else torch.cat(grads))
@@ -212,18 +224,28 @@ def score_streamed(cfg, rows, picked, ckpt, progress=None, t0: float | None = No
     pad_id = data_mod.pad_id(tokenizer, sk.model.get_input_embeddings().num_embeddings)
 
     t_pass = time.perf_counter()
-    with Boundaries(device, cfg.spill_dir) as store:
-        sweeps = _Sweeps(cfg, sk, targets, batches, store, len(cal.samples), progress, ctx)
-        try:
-            sweeps.catch(pad_id)
-            sweeps.forward()
-            if sweeps.snip:
-                sweeps.head()
-                sweeps.backward()
-        except torch.cuda.OutOfMemoryError:
-            raise SpinctlError(f"{cfg.model}: out of GPU memory with --stream at batches of up to {batch_size} "
-                               f"samples; lower --batch-size or --max-length") from None
-        host_peak = store.peak_bytes
+    scale_log2 = sc.loss_scale_log2(dtype) if cfg.method is Method.SNIP else 0
+    while True:
+        with Boundaries(device, cfg.spill_dir) as store:
+            sweeps = _Sweeps(cfg, sk, targets, batches, store, len(cal.samples), progress, ctx, 2.0**scale_log2)
+            try:
+                sweeps.catch(pad_id)
+                sweeps.forward()
+                if sweeps.snip:
+                    sweeps.head()
+                    sweeps.backward()
+                break
+            except torch.cuda.OutOfMemoryError:
+                raise SpinctlError(f"{cfg.model}: out of GPU memory with --stream at batches of up to {batch_size} "
+                                   f"samples; lower --batch-size or --max-length") from None
+            except _Overflow:  # raised only while the scale is above 1
+                scale_log2 = max(0, scale_log2 - sc.LOSS_SCALE_STEP)
+                for layer in range(len(sk.layers)):
+                    sk.unload(layer)  # the layer that overflowed is still on the device
+                if progress:
+                    progress(-sweeps.done, sweeps.total)
+            finally:
+                host_peak = store.peak_bytes
     sc._sync(device)
     pass_seconds = time.perf_counter() - t_pass
 
@@ -240,5 +262,5 @@ def score_streamed(cfg, rows, picked, ckpt, progress=None, t0: float | None = No
         "tokens_per_s": round(cal.tokens / pass_seconds, 1), "peak_memory_bytes": sc._peak_bytes(device),
         "device": str(device), "dtype": str(dtype).removeprefix("torch."), "batch_size": batch_size,
         "pass_seconds": round(pass_seconds, 3), "stream": True, "spilled": cfg.spill_dir is not None,
-        "activation_peak_bytes": host_peak,
+        "activation_peak_bytes": host_peak, "loss_scale": 2**scale_log2,
     }
