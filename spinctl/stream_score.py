@@ -17,6 +17,7 @@ so the same score file up to float rounding. Progress counts sample-layer steps:
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 
 from . import data as data_mod
@@ -24,6 +25,7 @@ from . import distributed
 from .errors import SpinctlError
 from .methods import METHODS, Method, response_loss
 from .stream_model import build_skeleton, call_layer, catch_layer_inputs
+from . import stream_store
 from .stream_store import Boundaries
 from .targets import select_targets
 
@@ -61,6 +63,27 @@ def plan_batches(cfg, sk, targets, samples) -> tuple[int, int | None]:
     longest = max((len(s.ids) for s in samples), default=1)
     batch = max(1, min(sc.CUDA_MAX_BATCH, int(free // (longest * per_token + per_sample))))
     return batch, max(longest, min(sc.CUDA_TOKENS, int(free // per_token)))
+
+
+def check_host_memory(cfg, sk, batches, first: int, pinned: bool) -> None:
+    """Before the pass: the boundary activations kept in host memory must fit in HOST_FRACTION of it.
+
+    snip keeps every boundary from the lowest scored layer's input up (L - first + 1 of them,
+    two while the layers below it run); wanda two at a time. The ranks on one node
+    (torchrun's LOCAL_WORLD_SIZE) share its memory.
+    """
+    L = len(sk.layers)
+    slots = max(2, L - first + 1) if cfg.method is Method.SNIP else 2
+    shapes = [(len(b), len(b[0].ids)) for b in batches]  # [B, T]: batches are padded to their first (longest)
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    need = ranks * stream_store.activation_bytes(shapes, sk.model.config.hidden_size, sk.dtype.itemsize, slots, pinned)
+    ram = stream_store.host_memory_bytes()
+    if need > stream_store.HOST_FRACTION * ram:
+        per_node = f", {ranks} ranks on this node" if ranks > 1 else ""
+        raise SpinctlError(f"{cfg.model}: --stream would keep about {need / 2**30:.1f} GiB of layer activations in host "
+                           f"memory ({slots} layer boundaries of {sum(n for n, _ in shapes)} samples{per_node}"
+                           f"{', pinned' if pinned else ''}), more than half of this machine's {ram / 2**30:.1f} GiB; "
+                           f"add --spill-dir DIR (a disk with that much room), or lower --nsamples or --max-length")
 
 
 class _Sweeps:
@@ -222,6 +245,8 @@ def score_streamed(cfg, rows, picked, ckpt, progress=None, t0: float | None = No
     batch_size, budget = plan_batches(cfg, sk, targets, local)
     batches = sc.make_batches(local, batch_size, budget)
     pad_id = data_mod.pad_id(tokenizer, sk.model.get_input_embeddings().num_embeddings)
+    if cfg.spill_dir is None:
+        check_host_memory(cfg, sk, batches, min(t.layer for t in targets), device.type == "cuda")
 
     t_pass = time.perf_counter()
     scale_log2 = sc.loss_scale_log2(dtype) if cfg.method is Method.SNIP else 0

@@ -115,3 +115,52 @@ def test_loss_scale_is_exact(monkeypatch, tiny_model, data_csv, tmp_path, stream
     summary = sc.score(config(model, data_csv, scaled, device="cpu", stream=stream))
     assert summary["loss_scale"] == 2**12 if first == 12 else 2**100 <= summary["loss_scale"] <= 2**124
     assert plain.read_bytes() == scaled.read_bytes()
+
+
+# ---- --stream host memory ----
+
+
+def test_pinned_allocation_failure_is_one_line(monkeypatch):
+    """cudaHostAlloc failing (pinned host memory exhausted) is a SpinctlError that says --spill-dir."""
+    import torch
+
+    from spinctl.errors import SpinctlError
+    from spinctl.stream_store import Boundaries
+
+    real = torch.empty
+
+    def empty(*a, **kw):
+        if kw.get("pin_memory"):
+            raise RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    store = Boundaries(torch.device("cuda"))  # pinned, as on a GPU; nothing here touches CUDA itself
+    with pytest.raises(SpinctlError, match=r"host memory.*--spill-dir") as e:
+        store.put(0, 0, torch.zeros(2, 3, 4, device="meta"))
+    assert "\n" not in str(e.value)
+
+
+def test_activation_estimate_rounds_pinned_to_powers_of_two():
+    from spinctl.stream_store import activation_bytes
+
+    shapes = [(4, 100), (4, 60), (3, 10)]  # (samples, padded tokens) per batch
+    assert activation_bytes(shapes, hidden=8, itemsize=2, slots=3, pinned=False) == 3 * (3200 + 1920 + 240) * 2
+    assert activation_bytes(shapes, hidden=8, itemsize=2, slots=3, pinned=True) == 3 * (8192 + 4096 + 512)
+
+
+def test_stream_refuses_activations_past_half_the_ram(monkeypatch, tiny_model, data_csv, tmp_path):  # noqa: F811
+    from spinctl import stream_store
+    from spinctl.errors import SpinctlError
+    from spinctl.score import score
+
+    model = tiny_model("llama", "float32")
+    monkeypatch.setattr(stream_store, "host_memory_bytes", lambda: 64 << 10, raising=False)  # a 64 KiB machine
+    out = tmp_path / "s.safetensors"
+    with pytest.raises(SpinctlError, match=r"--stream.*host memory.*half of.*--spill-dir"):
+        score(config(model, data_csv, out, device="cpu", stream=True))
+    assert not out.exists()
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    score(config(model, data_csv, out, device="cpu", stream=True, spill_dir=spill))  # files instead: fine
+    assert out.exists()
