@@ -172,6 +172,8 @@ def load_causal_lm(model_dir: str | Path, device: str = "auto", dtype: str = "au
 
 
 def _first_line(e: BaseException) -> str:
+    if isinstance(e, RecursionError):  # json inside transformers, on a config file nested `[` x 100000
+        return "a JSON file of the model is nested too deeply"
     text = str(e).strip()
     return text.splitlines()[0].rstrip(": ") if text else type(e).__name__
 

@@ -105,3 +105,10 @@ def test_model_json_read_by_transformers(world, tmp_path, name):
     data = tmp_path / "cal.jsonl"
     data.write_text(json.dumps({"prompt": "Alice found", "response": "the red box."}) + "\n")
     _run_clean(tmp_path, ["score", m, data, "-o", tmp_path / "s.safetensors", "--device", "cpu", "--nsamples", "1"], [m])
+
+
+def test_generation_config_read_by_eval(world, tmp_path):
+    m = Path(shutil.copytree(world.f32, tmp_path / "m"))
+    (m / "generation_config.json").write_text(DEEP)
+    _run_clean(tmp_path, ["eval", m, "--prompts", "builtin:eval_prompts", "--limit", "1", "--device", "cpu"],
+               [m, "nested too deeply"])
