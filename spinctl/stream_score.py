@@ -21,11 +21,10 @@ import os
 import time
 
 from . import data as data_mod
-from . import distributed
+from . import distributed, stream_store
 from .errors import SpinctlError
 from .methods import METHODS, Method, response_loss
 from .stream_model import build_skeleton, call_layer, catch_layer_inputs
-from . import stream_store
 from .stream_store import Boundaries
 from .targets import select_targets
 
