@@ -9,21 +9,34 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import untrusted
 from .errors import InputError, UnsupportedError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit; a larger length is corrupt
 
-ITEMSIZE = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
-    "F8_E4M3": 1, "F8_E4M3FN": 1, "F8_E4M3FNUZ": 1, "F8_E5M2": 1, "F8_E5M2FNUZ": 1,
-    "F8_E8M0": 1, "F4": 1, "F6_E2M3": 1, "F6_E3M2": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1,
-    "BOOL": 1, "C64": 8,
+# Bits per element, as safetensors defines them (0.8: a tensor spans numel · bits / 8 bytes, and
+# must end on a byte boundary). F4 and F6 are packed, several elements to a byte.
+BITS = {
+    "F64": 64, "F32": 32, "F16": 16, "BF16": 16,
+    "F8_E4M3": 8, "F8_E4M3FN": 8, "F8_E4M3FNUZ": 8, "F8_E5M2": 8, "F8_E5M2FNUZ": 8,
+    "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+    "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U64": 64, "U32": 32, "U16": 16, "U8": 8,
+    "BOOL": 8, "C64": 64,
 }
+# Whole-byte dtypes: element i starts at byte i · itemsize. Sub-byte ones have no such offset.
+ITEMSIZE = {d: b // 8 for d, b in BITS.items() if b % 8 == 0}
 # IEEE-style floats whose all-zero bytes read +0.0: the only ones a byte-level patch may zero.
+# Not F8_E8M0 (zero bytes are 2^-127, there is no zero), not integers or BOOL (not weights to
+# suppress), not the packed F4/F6 (an element is not a byte range; quantized weights besides).
 ZEROABLE = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E4M3FN", "F8_E4M3FNUZ", "F8_E5M2", "F8_E5M2FNUZ"}
+
+
+def tensor_nbytes(dtype: str, shape) -> int | None:
+    """Bytes of a tensor, or None when its bits do not fill whole bytes (safetensors refuses those)."""
+    bits = math.prod(shape) * BITS[dtype]
+    return bits // 8 if bits % 8 == 0 else None
 
 
 @dataclass(frozen=True)
@@ -43,13 +56,15 @@ class TensorEntry:
 
     @property
     def itemsize(self) -> int:
+        self.require_zeroable()  # callers address elements by byte: only patchable dtypes get here
         return ITEMSIZE[self.dtype]
 
     def require_zeroable(self) -> None:
         if self.dtype not in ZEROABLE:
+            packed = f" ({BITS[self.dtype]}-bit elements packed into bytes)" if BITS[self.dtype] % 8 else ""
             raise UnsupportedError(
-                f"{self.file}: tensor {self.name} has dtype {self.dtype}; only IEEE floats "
-                f"({', '.join(sorted(ZEROABLE))}) can be zeroed byte-wise"
+                f"{self.file}: tensor {self.name} has dtype {self.dtype}{packed}, which is never zeroed: only IEEE "
+                f"floats ({', '.join(sorted(ZEROABLE))}) can be zeroed byte-wise; leave it out of the selection"
             )
 
 
@@ -91,7 +106,7 @@ def read_shard(path: Path) -> Shard:
     except IsADirectoryError:
         raise InputError(f"{path}: is a directory, expected a .safetensors file") from None
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        header = untrusted.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError) as e:
         raise InputError(f"{path}: header is not valid UTF-8 JSON ({e}); the file is corrupt or not safetensors") from None
     if not isinstance(header, dict):
@@ -116,7 +131,7 @@ def _entry(path: Path, name: str, info: object, data_start: int, data_len: int) 
     if not isinstance(info, dict):
         raise InputError(f"{bad}: header entry is not an object")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in ITEMSIZE:
+    if dtype not in BITS:
         raise InputError(f"{bad}: unknown dtype {dtype!r}")
     if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
         raise InputError(f"{bad}: shape must be a list of non-negative integers")
@@ -125,8 +140,12 @@ def _entry(path: Path, name: str, info: object, data_start: int, data_len: int) 
     begin, end = offsets
     if not 0 <= begin <= end <= data_len:
         raise InputError(f"{bad}: data_offsets [{begin}, {end}] fall outside the {data_len} data bytes; the file is truncated or corrupt")
-    if end - begin != math.prod(shape) * ITEMSIZE[dtype]:
-        raise InputError(f"{bad}: data_offsets span {end - begin} bytes but shape {shape} of {dtype} needs {math.prod(shape) * ITEMSIZE[dtype]}")
+    nbytes = tensor_nbytes(dtype, shape)
+    if nbytes is None:
+        raise InputError(f"{bad}: shape {shape} of {dtype} is {math.prod(shape) * BITS[dtype]} bits, "
+                         f"not a whole number of bytes; the header is corrupt")
+    if end - begin != nbytes:
+        raise InputError(f"{bad}: data_offsets span {end - begin} bytes but shape {shape} of {dtype} needs {nbytes}")
     return TensorEntry(name, path, dtype, tuple(shape), data_start + begin, data_start + end)
 
 
@@ -214,7 +233,7 @@ def open_checkpoint(path: Path) -> Checkpoint:
 
 def _index_files(index: Path) -> list[str]:
     try:
-        data = json.loads(index.read_text("utf-8"))
+        data = untrusted.loads(index.read_text("utf-8"))
         weight_map = data["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise ValueError("weight_map must map tensor names to file names")
@@ -229,7 +248,7 @@ def _index_files(index: Path) -> list[str]:
 
 
 def _check_index(index: Path, tensors: dict[str, TensorEntry]) -> None:
-    weight_map = json.loads(index.read_text("utf-8"))["weight_map"]
+    weight_map = untrusted.loads(index.read_text("utf-8"))["weight_map"]  # parsed once already: valid
     for name, fn in weight_map.items():
         t = tensors.get(name)
         if t is None or t.file.name != fn:

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import distributed
-from .errors import SpinctlError
+from .errors import SpinctlError, UsageError
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -600,7 +600,7 @@ def main() -> None:
             sys.exit(1)  # rank 0 has this failure and prints it, once, for the whole torchrun job
         msg = str(e) if isinstance(e, SpinctlError) else f"{getattr(e, 'filename', None) or ''}: {e.strerror or e}".lstrip(": ")
         print(f"error: {msg}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2 if isinstance(e, UsageError) else 1)  # an option out of range: a usage error, as click's
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

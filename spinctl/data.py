@@ -5,13 +5,13 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from . import untrusted
 from .errors import InputError
 
 BUILTIN_PREFIX = "builtin:"
@@ -84,9 +84,9 @@ def _parse_json(path: Path, text: str) -> tuple[list[dict], list[str]]:
     stripped = text.lstrip()
     try:
         if path.suffix == ".json" and stripped.startswith("["):
-            records = json.loads(text)
+            records = untrusted.loads(text)
         else:
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+            records = [untrusted.loads(line) for line in text.splitlines() if line.strip()]
     except ValueError as e:
         raise InputError(f"{path}: not valid JSON Lines ({e}); one JSON object per line is expected") from None
     columns: dict[str, None] = {}
@@ -170,6 +170,16 @@ def tokenize(tokenizer, prompts: list[str], responses: list[str], max_length: in
         ids = (list(p) + list(r))[:max_length]
         out.append((ids, min(len(p), len(ids))))
     return out
+
+
+def pad_id(tokenizer, vocab_size: int) -> int:
+    """The id to pad batches with: the tokenizer's pad, else eos, bos, unk, else 0, the first inside
+    the model's embedding. Pads are never attended, so any real id pads the same; the tokenizer's own
+    can lie past the embedding (fine-tunes that add `<pad>` without resizing it) and index out of range."""
+    for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.unk_token_id):
+        if isinstance(i, int) and 0 <= i < vocab_size:
+            return i
+    return 0
 
 
 def has_response(ids: list[int] | tuple[int, ...], n_prompt: int) -> bool:

@@ -15,3 +15,7 @@ class OutputError(SpinctlError):
 
 class UnsupportedError(SpinctlError):
     """The input is well formed but spinctl cannot handle it (dtype, architecture)."""
+
+
+class UsageError(InputError):
+    """An option's value is malformed or out of range: the CLI exits 2, like click's own usage errors."""

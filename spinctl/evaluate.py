@@ -11,7 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from .errors import InputError, OutputError
+from . import untrusted
+from .data import pad_id
+from .devices import check_device
+from .errors import InputError, OutputError, UsageError
 from .judges import JUDGES, JudgeName, KeywordJudge, ModelJudge, Verdict
 
 Progress = Callable[[int], None]
@@ -41,17 +44,18 @@ class EvalConfig:
         judge = self.judge.value if isinstance(self.judge, JudgeName) else str(self.judge)
         object.__setattr__(self, "judge", judge)
         if judge not in JUDGES:
-            raise InputError(f"unknown judge {judge!r}; choose one of {', '.join(JUDGES)}")
+            raise UsageError(f"unknown judge {judge!r}; choose one of {', '.join(JUDGES)}")
         if judge == JudgeName.model.value and (self.judge_model is None or self.judge_template is None):
-            raise InputError("the model judge needs both --judge-model DIR and --judge-template FILE")
+            raise UsageError("the model judge needs both --judge-model DIR and --judge-template FILE")
         if self.limit is not None and self.limit < 1:
-            raise InputError(f"--limit must be at least 1, got {self.limit}")
+            raise UsageError(f"--limit must be at least 1, got {self.limit}")
         if self.max_new_tokens < 1:
-            raise InputError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+            raise UsageError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
         if self.batch_size < 1:
-            raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
+            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.dtype not in DTYPES:
-            raise InputError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+            raise UsageError(f"--dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
+        check_device(self.device)
 
 
 # ---------------------------------------------------------------- questions
@@ -104,9 +108,9 @@ def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"prompts file {path}, line {lineno}: invalid JSON ({e.msg})") from None
+                row = untrusted.loads(line)
+            except ValueError as e:
+                raise InputError(f"prompts file {path}, line {lineno}: invalid JSON ({getattr(e, 'msg', e)})") from None
             if not isinstance(row, dict):
                 raise InputError(f"prompts file {path}, line {lineno}: expected a JSON object")
             rows.append(row)
@@ -154,18 +158,22 @@ def load_causal_lm(model_dir: str | Path, device: str = "auto", dtype: str = "au
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=torch_dtype, local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:  # RecursionError: config.json nested `[` x 100000
         raise InputError(f"cannot load a causal LM from {model_dir}: {_first_line(e)}") from None
     model.to(dev).eval()
     # Left padding: every prompt then ends at the last column, where generation continues.
     tok.padding_side = "left"
-    if tok.pad_token is None:
-        # Pad ids are masked out, so any real token will do; eos is the usual choice.
-        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(0)
+    vocab = model.get_input_embeddings().num_embeddings
+    if tok.pad_token_id is None or not 0 <= tok.pad_token_id < vocab:
+        # Pad ids are masked out, so any real token will do (eos first); one past the
+        # embedding (an added `<pad>`) would index out of range in every batch.
+        tok.pad_token = tok.convert_ids_to_tokens(pad_id(tok, vocab))
     return model, tok
 
 
 def _first_line(e: BaseException) -> str:
+    if isinstance(e, RecursionError):  # json inside transformers, on a config file nested `[` x 100000
+        return "a JSON file of the model is nested too deeply"
     text = str(e).strip()
     return text.splitlines()[0].rstrip(": ") if text else type(e).__name__
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from . import __version__, untrusted
 from .checkpoint import read_shard
 from .errors import InputError
 from .fsutil import atomic_write_bytes
@@ -99,10 +99,12 @@ def _load(path: Path, kind: str, keys: tuple[str, ...]) -> tuple[dict, dict[str,
     from safetensors import SafetensorError, safe_open
 
     shard = read_shard(path)
+    if "spinctl" not in (shard.metadata or {}):
+        raise InputError(f"{path}: not a spinctl {kind} file (no spinctl metadata)")
     try:
-        meta = json.loads((shard.metadata or {})["spinctl"])
-    except (KeyError, ValueError):
-        raise InputError(f"{path}: not a spinctl {kind} file (no spinctl metadata)") from None
+        meta = untrusted.loads(shard.metadata["spinctl"])
+    except ValueError as e:
+        raise InputError(f"{path}: the spinctl metadata is not valid JSON ({e}); the file is corrupt") from None
     if not isinstance(meta, dict) or meta.get("kind") != kind:
         found = meta.get("kind") if isinstance(meta, dict) else None
         raise InputError(f"{path}: expected a {kind} file, found kind {found!r}")

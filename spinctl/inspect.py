@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from pathlib import Path
 
+from . import untrusted
 from .checkpoint import open_checkpoint, read_shard
 from .formats import read_scores, read_selection
 from .sidecars import sidecar_paths
@@ -17,7 +17,7 @@ def _kind(path: Path) -> str:
         return "checkpoint"
     meta = read_shard(path).metadata or {}
     try:
-        return json.loads(meta["spinctl"])["kind"]
+        return untrusted.loads(meta["spinctl"])["kind"]
     except (KeyError, ValueError, TypeError):
         return "checkpoint"
 

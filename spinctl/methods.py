@@ -57,6 +57,17 @@ class Accumulator:
         for t in self.acc.values():
             t.zero_()
 
+    def all_finite(self) -> bool:
+        import torch
+
+        return all(bool(torch.isfinite(t).all()) for t in self.acc.values())
+
+    def unscale_(self, scale: float) -> None:
+        """Undo a loss scale 2^k: dividing fp32 by a power of two is exact (short of fp32 subnormals)."""
+        if scale != 1:
+            for t in self.acc.values():
+                t.div_(scale)
+
     def begin_batch(self, n_samples: int, positions=None) -> None:
         """positions: bool [B, T], True where the position's own token is a response token."""
         self._batch = n_samples

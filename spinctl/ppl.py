@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .errors import InputError
+from .devices import check_device
+from .errors import InputError, UsageError
 from .heldout import Calibrated, heldout_rows, read_calibrated
 
 
@@ -120,12 +121,15 @@ def perplexity(model_dir: str | Path, text_path: str | Path, seqlen: int = 2048,
     WikiText-2 recipe. A CSV/JSONL file of prompt/response rows is scored on its first `rows`
     rows not used for calibration by any `exclude` score file scored on it.
     """
-    from .evaluate import load_causal_lm
+    from .evaluate import DTYPES, load_causal_lm
 
     if seqlen < 2:
-        raise InputError(f"--seqlen must be at least 2, got {seqlen}")
+        raise UsageError(f"--seqlen must be at least 2, got {seqlen}")
     if batch_size is not None and batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    check_device(device)
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     t0 = time.perf_counter()
     data = load_ppl_data(text_path, rows, [read_calibrated(e) for e in exclude])
     model, tok = load_causal_lm(model_dir, device, dtype)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import resource
 import time
 from dataclasses import dataclass
@@ -12,7 +11,8 @@ from typing import Any, Callable
 from . import data as data_mod
 from . import distributed
 from .checkpoint import open_checkpoint
-from .errors import InputError, OutputError, SpinctlError, UnsupportedError
+from .devices import check_device, check_rank_device
+from .errors import InputError, OutputError, SpinctlError, UnsupportedError, UsageError
 from .formats import keep_count, score_meta, write_scores
 from .methods import METHODS, Method, response_loss
 from .targets import check_spec, decoder_layers, select_targets
@@ -23,6 +23,18 @@ CUDA_TOKENS = 4096  # padded tokens per batch on CUDA: saturates an H200, keeps 
 CUDA_MAX_BATCH = 64
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 Progress = Callable[[int, int], None]  # progress(advance_samples, total); advance < 0 rewinds after an OOM retry
+# fp16 has 5 exponent bits: a per-sample gradient of a mean token loss (at the logits about
+# 1 / (response tokens · vocab)) falls below its smallest subnormal, 6e-8, and becomes zero.
+# snip's backward runs on the loss times 2^k; the fp32 accumulators are divided by 2^k after
+# (exact). An overflow (inf or NaN in the accumulators) reruns the pass at 2^(k-4), down to 2^0.
+# bf16 and fp32 have fp32's exponent range: no scale.
+LOSS_SCALE_LOG2 = {"float16": 12}
+LOSS_SCALE_STEP = 4
+
+
+def loss_scale_log2(dtype) -> int:
+    """The first loss scale (log2) for a model dtype (torch.dtype)."""
+    return LOSS_SCALE_LOG2.get(str(dtype).removeprefix("torch."), 0)
 
 
 @dataclass(frozen=True)
@@ -56,28 +68,28 @@ class ScoreConfig:
         try:
             set_("method", Method(self.method))
         except ValueError:
-            raise InputError(f"--method {self.method!r}: expected one of {', '.join(m.value for m in Method)}") from None
+            raise UsageError(f"--method {self.method!r}: expected one of {', '.join(m.value for m in Method)}") from None
         if not (isinstance(self.keep, (int, float)) and 0 < self.keep <= 1):
-            raise InputError(f"--keep {self.keep}: must be in (0, 1]")
+            raise UsageError(f"--keep {self.keep}: must be in (0, 1]")
         for name, low in (("nsamples", 1), ("seed", 0), ("max_length", 2)):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < low:
-                raise InputError(f"--{name.replace('_', '-')} {value}: must be an integer >= {low}")
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise UsageError(f"--{name.replace('_', '-')} {value}: must be an integer >= {low}")
         if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
-            raise InputError(f"--batch-size {self.batch_size}: must be an integer >= 1 (or auto)")
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            raise InputError(f"--device {self.device!r}: expected auto, cpu, cuda or cuda:N")
+            raise UsageError(f"--batch-size {self.batch_size}: must be an integer >= 1 (or auto)")
+        check_device(self.device)
+        check_rank_device(self.device, distributed.context().world_size)
         if self.dtype not in DTYPES:
-            raise InputError(f"--dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
+            raise UsageError(f"--dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
         check_spec(self.targets)
         if not isinstance(self.stream, bool):
-            raise InputError(f"--stream {self.stream!r}: must be true or false")
+            raise UsageError(f"--stream {self.stream!r}: must be true or false")
         if self.spill_dir is not None:
             from .stream_store import check_spill_dir
 
             set_("spill_dir", Path(self.spill_dir))
             if not self.stream:
-                raise InputError(f"--spill-dir {self.spill_dir}: applies to --stream only; add --stream")
+                raise UsageError(f"--spill-dir {self.spill_dir}: applies to --stream only; add --stream")
             check_spill_dir(self.spill_dir)
 
 
@@ -93,6 +105,8 @@ class LoadedModel:
 
 
 def _one_line(e: BaseException) -> str:
+    if isinstance(e, RecursionError):  # json inside transformers, on a config or tokenizer file nested `[` x 100000
+        return "a JSON file of the model is nested too deeply"
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
 
@@ -134,7 +148,7 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
 
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError, TypeError, ImportError) as e:
+    except (OSError, ValueError, KeyError, TypeError, ImportError, RecursionError) as e:
         # Without its files transformers tries converters and names what they lack (protobuf, tiktoken)
         found = any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
         detail = _one_line(e) if found else f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) found"
@@ -212,7 +226,8 @@ def _grad_from_here(module, args, kwargs):
     return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach().requires_grad_()}
 
 
-def run_pass(model, acc, batches: list[list], pad_id: int, device, first_layer, progress: Progress | None = None) -> None:
+def run_pass(model, acc, batches: list[list], pad_id: int, device, first_layer, progress: Progress | None = None,
+             loss_scale: float = 1.0) -> None:
     """Feed every batch through the model with `acc` hooked in (snip: forward + backward).
 
     No attention mask: with right padding and causal attention no real position sees a
@@ -230,7 +245,7 @@ def run_pass(model, acc, batches: list[list], pad_id: int, device, first_layer, 
                 acc.begin_batch(len(batch), positions)
                 if acc.needs_grad:
                     logits = model(input_ids=ids, use_cache=False).logits  # [B, T, V]
-                    response_loss(logits, labels).backward()
+                    (response_loss(logits, labels) * loss_scale).backward()  # fp32 loss: the scale is exact
                     del logits
                 else:
                     with torch.no_grad():
@@ -311,15 +326,15 @@ def _check_checkpoint(model_path: Path, ckpt, targets) -> None:
                                    f"checkpoint; spinctl needs weights stored as the model uses them")
 
 
-def _accumulate(cfg: ScoreConfig, loaded: LoadedModel, acc, targets, samples, progress: Progress | None) -> int:
+def _accumulate(cfg: ScoreConfig, loaded: LoadedModel, acc, targets, samples, progress: Progress | None,
+                loss_scale: float = 1.0) -> int:
     """The whole pass, restarted with half the batch after a CUDA out-of-memory in auto mode.
     Returns the largest batch used."""
     import torch
 
     first_layer = decoder_layers(loaded.model, cfg.model)[1][min(t.layer for t in targets)]
     batch_size, budget = _plan(cfg, loaded, targets, samples)
-    tok = loaded.tokenizer
-    pad_id = next((i for i in (tok.pad_token_id, tok.eos_token_id) if i is not None), 0)
+    pad_id = data_mod.pad_id(loaded.tokenizer, loaded.model.get_input_embeddings().num_embeddings)
     done = 0
 
     def tick(n: int, total: int) -> None:
@@ -331,7 +346,7 @@ def _accumulate(cfg: ScoreConfig, loaded: LoadedModel, acc, targets, samples, pr
     while True:
         batches = make_batches(samples, batch_size, budget)
         try:
-            run_pass(loaded.model, acc, batches, pad_id, loaded.device, first_layer, tick)
+            run_pass(loaded.model, acc, batches, pad_id, loaded.device, first_layer, tick, loss_scale)
             return max(len(b) for b in batches)
         except torch.cuda.OutOfMemoryError:
             pass  # handled below, outside the except block, so the failed graph is freed first
@@ -383,7 +398,11 @@ def score(cfg: ScoreConfig, progress: Progress | None = None, *, loaded: LoadedM
     across ranks and rank 0 writes the file; a failure on any rank fails every rank, and
     rank 0's error names the rank (distributed.py). Other ranks return their own share's summary.
     """
-    with distributed.session() as ctx:
+    import torch
+
+    # snip needs autograd whatever mode the caller is in: under torch.no_grad() no gradient
+    # reached the hooks, and inference mode would refuse to record one.
+    with distributed.session() as ctx, torch.inference_mode(False), torch.enable_grad():
         summary = _score(cfg, progress if ctx.is_main else None, loaded, ctx)  # one progress bar: rank 0's
     return {**summary, "world_size": ctx.world_size}
 
@@ -427,8 +446,18 @@ def _score(cfg: ScoreConfig, progress: Progress | None, loaded: LoadedModel | No
     distributed.agree(ctx, " (tokenizer)", samples=len(samples), tokens=cal.tokens)  # after the load: fail before the pass
     _sync(device)
     t_pass = time.perf_counter()
-    batch_size = _accumulate(cfg, loaded, acc, targets, local, progress) if local else 0
-    distributed.all_reduce_(acc.acc, ctx)  # Σ over ranks; a no-op in one process
+    scale_log2 = loss_scale_log2(loaded.dtype) if acc.needs_grad else 0
+    while True:
+        batch_size = _accumulate(cfg, loaded, acc, targets, local, progress, 2.0**scale_log2) if local else 0
+        distributed.all_reduce_(acc.acc, ctx)  # Σ over ranks; a no-op in one process
+        # Every rank sees the same sums, so every rank takes the same branch here.
+        if scale_log2 == 0 or acc.all_finite():
+            break
+        scale_log2 = max(0, scale_log2 - LOSS_SCALE_STEP)  # overflowed: again, at a smaller scale
+        acc.reset()
+        if progress and local:
+            progress(-len(local), len(local))
+    acc.unscale_(2.0**scale_log2)
     if not ctx.is_main:  # rank 0 takes the top-K and writes the file
         return {"file": None, "rank": ctx.rank, "method": cfg.method.value, "samples": len(local),
                 "tokens": sum(len(s.ids) for s in local), "seconds": round(time.perf_counter() - t0, 3),
@@ -445,5 +474,5 @@ def _score(cfg: ScoreConfig, progress: Progress | None, loaded: LoadedModel | No
         "skipped": cal.skipped, "tokens": tokens, "seconds": round(time.perf_counter() - t0, 3),
         "tokens_per_s": round(tokens / pass_seconds, 1), "peak_memory_bytes": _peak_bytes(device),
         "device": str(device), "dtype": meta["dtype"], "batch_size": batch_size,
-        "pass_seconds": round(pass_seconds, 3),
+        "pass_seconds": round(pass_seconds, 3), "loss_scale": 2**scale_log2,
     }

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError, OutputError, SpinctlError
+from .errors import InputError, OutputError, SpinctlError, UsageError
 from .formats import ScoreFile, read_scores, top_count, write_selection
 
 
@@ -34,7 +34,7 @@ class SelectConfig:
             raise SpinctlError(f"mode reference takes exactly two --couple files (privacy, then fairness), got {len(self.couple)}")
         for name, v in (("p", self.p), ("q", self.q)):
             if not (isinstance(v, (int, float)) and 0 <= v <= 1):
-                raise SpinctlError(f"--{name} must be a fraction in [0, 1], got {v}")
+                raise UsageError(f"--{name} must be a fraction in [0, 1], got {v}")
 
 
 def _top_set(f: ScoreFile, name: str, fraction: float) -> np.ndarray:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from . import __version__, untrusted
 from .checkpoint import ITEMSIZE, TensorEntry, read_shard
 from .errors import InputError
 from .fsutil import atomic_write_bytes
@@ -32,7 +32,7 @@ def write_manifest(path: Path, manifest: dict) -> None:
 
 def read_manifest(path: Path) -> dict:
     try:
-        data = json.loads(Path(path).read_text("utf-8"))
+        data = untrusted.loads(Path(path).read_text("utf-8"))
     except FileNotFoundError:
         raise InputError(f"{path}: no manifest; this is not a checkpoint patched by spinctl") from None
     except (UnicodeDecodeError, ValueError) as e:
@@ -78,7 +78,7 @@ def read_undo(path: Path) -> tuple[str, dict[str, UndoEntry]]:
     """(fingerprint, entries), validated: every tensor has indices and values of matching length."""
     shard = read_shard(path)
     try:
-        meta = json.loads((shard.metadata or {})["spinctl"])
+        meta = untrusted.loads((shard.metadata or {})["spinctl"])
         assert meta["kind"] == "undo"
     except (KeyError, ValueError, AssertionError, TypeError):
         raise InputError(f"{path}: not a spinctl undo log") from None

@@ -136,7 +136,7 @@ def build_skeleton(path: Path, ckpt: Checkpoint, tokenizer, device, dtype, trust
     opts = {"trust_remote_code": trust_remote_code}
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True, **opts)
-    except (OSError, ValueError, KeyError, TypeError, ImportError) as e:
+    except (OSError, ValueError, KeyError, TypeError, ImportError, RecursionError) as e:
         raise InputError(f"{path}: cannot read config.json ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
     kind = getattr(config, "model_type", None)
     if kind not in SUPPORTED:

@@ -17,10 +17,11 @@ so the same score file up to float rounding. Progress counts sample-layer steps:
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 
 from . import data as data_mod
-from . import distributed
+from . import distributed, stream_store
 from .errors import SpinctlError
 from .methods import METHODS, Method, response_loss
 from .stream_model import build_skeleton, call_layer, catch_layer_inputs
@@ -28,6 +29,10 @@ from .stream_store import Boundaries
 from .targets import select_targets
 
 HEAD_BYTES = 256 << 20  # logits and their gradients at the head, per slice of a batch
+
+
+class _Overflow(Exception):
+    """A layer's scaled fp16 gradients overflowed: the sweeps start again at a smaller loss scale."""
 
 
 def plan_batches(cfg, sk, targets, samples) -> tuple[int, int | None]:
@@ -59,11 +64,33 @@ def plan_batches(cfg, sk, targets, samples) -> tuple[int, int | None]:
     return batch, max(longest, min(sc.CUDA_TOKENS, int(free // per_token)))
 
 
+def check_host_memory(cfg, sk, batches, first: int, pinned: bool) -> None:
+    """Before the pass: the boundary activations kept in host memory must fit in HOST_FRACTION of it.
+
+    snip keeps every boundary from the lowest scored layer's input up (L - first + 1 of them,
+    two while the layers below it run); wanda two at a time. The ranks on one node
+    (torchrun's LOCAL_WORLD_SIZE) share its memory.
+    """
+    L = len(sk.layers)
+    slots = max(2, L - first + 1) if cfg.method is Method.SNIP else 2
+    shapes = [(len(b), len(b[0].ids)) for b in batches]  # [B, T]: batches are padded to their first (longest)
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    need = ranks * stream_store.activation_bytes(shapes, sk.model.config.hidden_size, sk.dtype.itemsize, slots, pinned)
+    ram = stream_store.host_memory_bytes()
+    if need > stream_store.HOST_FRACTION * ram:
+        per_node = f", {ranks} ranks on this node" if ranks > 1 else ""
+        raise SpinctlError(f"{cfg.model}: --stream would keep about {need / 2**30:.1f} GiB of layer activations in host "
+                           f"memory ({slots} layer boundaries of {sum(n for n, _ in shapes)} samples{per_node}"
+                           f"{', pinned' if pinned else ''}), more than half of this machine's {ram / 2**30:.1f} GiB; "
+                           f"add --spill-dir DIR (a disk with that much room), or lower --nsamples or --max-length")
+
+
 class _Sweeps:
     """The two sweeps over one model and one set of batches; `entries` collects top-K per weight."""
 
-    def __init__(self, cfg, sk, targets, batches, store, nsamples: int, progress, ctx):
+    def __init__(self, cfg, sk, targets, batches, store, nsamples: int, progress, ctx, loss_scale: float = 1.0):
         self.cfg, self.sk, self.batches, self.store = cfg, sk, batches, store
+        self.loss_scale = loss_scale  # snip: the head's loss is multiplied by it (score.LOSS_SCALE_LOG2)
         self.nsamples = nsamples  # all samples of the run (wanda's N), whatever this rank scores
         self.by_layer: dict[int, dict] = {}
         for t in targets:
@@ -75,6 +102,7 @@ class _Sweeps:
         steps = 1 + self.n_fwd + (1 + self.L - self.first if self.snip else 0)
         self.total = sum(len(b) for b in batches) * steps
         self.progress = progress
+        self.done = 0  # progress reported so far, rewound if the sweeps start again
         self.ctx = ctx  # distributed.DistContext: accumulators are summed across ranks per layer
         self.entries: dict = {}
         self.calls: list = []  # per batch: per layer (by_kw, args, kwargs)
@@ -82,6 +110,7 @@ class _Sweeps:
         self.positions: list = []  # per batch: [B, T] bool, response positions
 
     def _tick(self, n: int) -> None:
+        self.done += n
         if self.progress:
             self.progress(n, self.total)
 
@@ -94,6 +123,10 @@ class _Sweeps:
         from .score import topk_entries
 
         distributed.all_reduce_(acc.acc, self.ctx)
+        if self.loss_scale != 1:  # every rank sees the same sums: all raise, or none
+            if not acc.all_finite():
+                raise _Overflow
+            acc.unscale_(self.loss_scale)
         if self.ctx.is_main:
             self.entries.update(topk_entries(acc, self.nsamples, self.cfg.keep, self.cfg.model, self.sk.dtype))
 
@@ -154,7 +187,8 @@ class _Sweeps:
                 h = x[lo : lo + rows].detach().requires_grad_()
                 with torch.enable_grad():
                     logits = lm_head(norm(h))  # [rows, T, V]
-                    response_loss(logits, self.labels[b][lo : lo + rows]).backward()  # row s of h.grad: dL_s/dh_s
+                    loss = response_loss(logits, self.labels[b][lo : lo + rows]) * self.loss_scale  # fp32: exact
+                    loss.backward()  # row s of h.grad: dL_s/dh_s (times the loss scale)
                     del logits
                 grads.append(h.grad)
             store.put(self.L, b, grads[0] if len(grads) == 1 else torch.cat(grads))
@@ -209,21 +243,33 @@ def score_streamed(cfg, rows, picked, ckpt, progress=None, t0: float | None = No
     local = distributed.shard_samples(ordered, ctx)
     batch_size, budget = plan_batches(cfg, sk, targets, local)
     batches = sc.make_batches(local, batch_size, budget)
-    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    pad_id = data_mod.pad_id(tokenizer, sk.model.get_input_embeddings().num_embeddings)
+    if cfg.spill_dir is None:
+        check_host_memory(cfg, sk, batches, min(t.layer for t in targets), device.type == "cuda")
 
     t_pass = time.perf_counter()
-    with Boundaries(device, cfg.spill_dir) as store:
-        sweeps = _Sweeps(cfg, sk, targets, batches, store, len(cal.samples), progress, ctx)
-        try:
-            sweeps.catch(pad_id)
-            sweeps.forward()
-            if sweeps.snip:
-                sweeps.head()
-                sweeps.backward()
-        except torch.cuda.OutOfMemoryError:
-            raise SpinctlError(f"{cfg.model}: out of GPU memory with --stream at batches of up to {batch_size} "
-                               f"samples; lower --batch-size or --max-length") from None
-        host_peak = store.peak_bytes
+    scale_log2 = sc.loss_scale_log2(dtype) if cfg.method is Method.SNIP else 0
+    while True:
+        with Boundaries(device, cfg.spill_dir) as store:
+            sweeps = _Sweeps(cfg, sk, targets, batches, store, len(cal.samples), progress, ctx, 2.0**scale_log2)
+            try:
+                sweeps.catch(pad_id)
+                sweeps.forward()
+                if sweeps.snip:
+                    sweeps.head()
+                    sweeps.backward()
+                break
+            except torch.cuda.OutOfMemoryError:
+                raise SpinctlError(f"{cfg.model}: out of GPU memory with --stream at batches of up to {batch_size} "
+                                   f"samples; lower --batch-size or --max-length") from None
+            except _Overflow:  # raised only while the scale is above 1
+                scale_log2 = max(0, scale_log2 - sc.LOSS_SCALE_STEP)
+                for layer in range(len(sk.layers)):
+                    sk.unload(layer)  # the layer that overflowed is still on the device
+                if progress:
+                    progress(-sweeps.done, sweeps.total)
+            finally:
+                host_peak = store.peak_bytes
     sc._sync(device)
     pass_seconds = time.perf_counter() - t_pass
 
@@ -240,5 +286,5 @@ def score_streamed(cfg, rows, picked, ckpt, progress=None, t0: float | None = No
         "tokens_per_s": round(cal.tokens / pass_seconds, 1), "peak_memory_bytes": sc._peak_bytes(device),
         "device": str(device), "dtype": str(dtype).removeprefix("torch."), "batch_size": batch_size,
         "pass_seconds": round(pass_seconds, 3), "stream": True, "spilled": cfg.spill_dir is not None,
-        "activation_peak_bytes": host_peak,
+        "activation_peak_bytes": host_peak, "loss_scale": 2**scale_log2,
     }

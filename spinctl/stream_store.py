@@ -7,9 +7,31 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import OutputError
+from .errors import OutputError, SpinctlError
 
 SPILL_PREFIX = "spinctl-spill-"
+# Without --spill-dir the boundary activations live in host memory, pinned (page-locked) on
+# CUDA: past half of it the machine starts swapping or the pinned allocation fails mid-pass.
+HOST_FRACTION = 0.5
+
+
+def host_memory_bytes() -> int:
+    """Physical memory, or the cgroup (container) limit when that is lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()  # "max" when unlimited
+    except OSError:
+        return total
+    return min(total, int(limit)) if limit.isdigit() else total
+
+
+def activation_bytes(shapes, hidden: int, itemsize: int, slots: int, pinned: bool) -> int:
+    """Host bytes of `slots` layer boundaries, each one [B, T, hidden] tensor per batch of
+    (B, T) in `shapes`. The pinned (CUDA host) allocator rounds each block up to a power of two."""
+    per = [b * t * hidden * itemsize for b, t in shapes]
+    if pinned:
+        per = [1 << (n - 1).bit_length() if n > 1 else n for n in per]
+    return slots * sum(per)
 
 
 def check_spill_dir(path: Path) -> None:
@@ -56,7 +78,7 @@ class Boundaries:
         if self.dir is None:
             old = self.mem.setdefault(slot, {}).get(batch)
             if t.device.type != "cpu":
-                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pin)
+                host = self._host_empty(t.shape, t.dtype)
                 host.copy_(t, non_blocking=True)  # stream-ordered: get() copies it back on the same stream
                 t = host
             self.mem[slot][batch] = t
@@ -88,7 +110,7 @@ class Boundaries:
         fd, where = self.files[slot]
         offset, shape, dtype = where[batch]
         n = torch.Size(shape).numel() * dtype.itemsize
-        buf = torch.empty(n, dtype=torch.uint8, pin_memory=self.pin)
+        buf = self._host_empty((n,), torch.uint8)
         view, done = memoryview(buf.numpy()), 0
         while done < n:
             got = os.preadv(fd, [view[done:]], offset + done)
@@ -116,6 +138,19 @@ class Boundaries:
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
+
+    def _host_empty(self, shape, dtype):
+        """A host buffer (pinned for CUDA); running out is one line that says what to do."""
+        import torch
+
+        try:
+            return torch.empty(shape, dtype=dtype, pin_memory=self.pin)
+        except (RuntimeError, MemoryError) as e:  # cudaHostAlloc or the CPU allocator
+            need = torch.Size(shape).numel() * dtype.itemsize
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise SpinctlError(f"--stream: host memory ran out holding {self.bytes / 2**30:.1f} GiB of layer activations "
+                               f"(another {need >> 20} MiB{' pinned' if self.pin else ''}: {first}); add --spill-dir DIR "
+                               f"to keep them in files on a disk with room") from None
 
     def _file(self, slot: int):
         if slot not in self.files:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError, UnsupportedError
+from .errors import InputError, UnsupportedError, UsageError
 
 KINDS = ("mlp", "attn", "all")
 REGEX_PREFIX = "re:"
@@ -32,8 +32,8 @@ def parse_spec(spec: str) -> tuple[str, re.Pattern | None]:
         try:
             return "re", re.compile(spec[len(REGEX_PREFIX):])
         except re.error as e:
-            raise InputError(f"--targets {spec!r}: invalid regular expression ({e})") from None
-    raise InputError(f"--targets {spec!r}: expected mlp, attn, all or re:REGEX")
+            raise UsageError(f"--targets {spec!r}: invalid regular expression ({e})") from None
+    raise UsageError(f"--targets {spec!r}: expected mlp, attn, all or re:REGEX")
 
 
 def kind_of(rel_name: str) -> str | None:

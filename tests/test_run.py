@@ -82,3 +82,103 @@ def test_paths_relative_to_yaml_and_overrides(tmp_path):
         load_run_config(tmp_path / "spin.yaml", ["nonsense"])
     with pytest.raises(InputError, match="'scor'"):
         load_run_config(tmp_path / "spin.yaml", ["scor.nsamples=3"])
+
+
+# ---- issue 11 item 7: every value type- and range-checked at load, naming the key ----
+
+BASE = "model: m\noutput: o\nretain: r.csv\ncouple: [c.csv]\n"
+
+
+@pytest.mark.parametrize("extra,key", [
+    ("select: {p: abc}", "select.p"),
+    ("select: {q: 2}", "select.q"),
+    ("select: {p: .nan}", "select.p"),
+    ("select: {mode: bogus}", "select.mode"),
+    ("score: {device: 5}", "score.device"),
+    ("score: {device: tpu}", "score.device"),
+    ("score: {targets: 5}", "score.targets"),
+    ("score: {targets: 're:('}", "score.targets"),
+    ("score: {nsamples: 0}", "score.nsamples"),
+    ("score: {nsamples: true}", "score.nsamples"),
+    ("score: {nsamples: 1.5}", "score.nsamples"),
+    ("score: {keep: 0}", "score.keep"),
+    ("score: {batch_size: big}", "score.batch_size"),
+    ("score: {method: bogus}", "score.method"),
+    ("score: {dtype: int8}", "score.dtype"),
+    ("score: {stream: 'yes please'}", "score.stream"),
+    ("score: {prompt_column: [a]}", "score.prompt_column"),
+    ("eval: {prompts: p.csv, limit: abc}", "eval.limit"),
+    ("eval: {prompts: p.csv, limit: 0}", "eval.limit"),
+    ("eval: {prompts: p.csv, judge: gpt}", "eval.judge"),
+    ("eval: {prompts: [p.csv, 5]}", "eval.prompts"),
+    ("eval: {prompts: p.csv, max_new_tokens: -1}", "eval.max_new_tokens"),
+    ("patch: {in_place: 'false'}", "patch.in_place"),
+    ("patch: {link: 1}", "patch.link"),
+    ("model: [a, b]", "model"),
+    ("cache_dir: 5", "cache_dir"),
+])
+def test_bad_value_names_the_key(tmp_path, extra, key):
+    body = BASE if extra.startswith("model:") is False else BASE.replace("model: m\n", "")
+    (tmp_path / "spin.yaml").write_text(body + extra + "\n")
+    with pytest.raises(InputError) as e:
+        load_run_config(tmp_path / "spin.yaml")
+    assert f" {key} " in f" {e.value} ".replace(":", " "), str(e.value)
+
+
+def test_in_place_given_as_a_string_never_patches_in_place(tmp_path):
+    # 'false' is a non-empty string: truthy. It used to turn `output:` off and patch the model itself.
+    (tmp_path / "spin.yaml").write_text(BASE + "patch: {in_place: 'false'}\n")
+    with pytest.raises(InputError, match="patch.in_place"):
+        load_run_config(tmp_path / "spin.yaml")
+
+
+def test_override_values_are_checked_too(tmp_path):
+    (tmp_path / "spin.yaml").write_text(BASE)
+    with pytest.raises(InputError, match="select.p"):
+        load_run_config(tmp_path / "spin.yaml", ["select.p=abc"])
+
+
+def test_good_values_are_normalised(tmp_path):
+    # PyYAML reads 5e-7 (no dot) as a string: it is the documented default and must keep working.
+    (tmp_path / "spin.yaml").write_text(BASE + "select: {p: 5e-7, q: 1e-6, mode: reference}\n"
+                                        "score: {keep: 1e-4, batch_size: auto, device: 'cuda:1', stream: true}\n"
+                                        "eval: {prompts: p.csv, limit: null}\n")
+    cfg = load_run_config(tmp_path / "spin.yaml")
+    assert cfg.select == {"p": 5e-7, "q": 1e-6, "mode": "reference"}
+    assert cfg.score["keep"] == 1e-4 and cfg.score["batch_size"] is None and cfg.score["device"] == "cuda:1"
+
+
+# Nine anchors under nine valid keys, each nine aliases of the one before: 9^9 strings from ~600 bytes.
+BOMB_KEYS = ("method", "nsamples", "seed", "keep", "targets", "max_length", "batch_size", "device", "dtype")
+BOMB = "score:\n  method: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"  {k}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for k, p, n in zip(BOMB_KEYS[1:], "abcdefgh", "bcdefghi")) + "model: *i\n"
+
+
+def test_alias_bomb_refused_fast(tmp_path):
+    """The billion laughs (9^9 strings from ~600 bytes) once ran 99 s into a MemoryError."""
+    import resource
+
+    (tmp_path / "spin.yaml").write_text(BOMB + "retain: r\ncouple: [c]\noutput: o\n")
+    assert len(BOMB) < 700
+
+    def limit():  # a regression must not eat the shared machine's memory
+        resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+
+    try:
+        r = subprocess.run([sys.executable, "-m", "spinctl", "run", tmp_path / "spin.yaml"], capture_output=True,
+                           text=True, timeout=30, preexec_fn=limit)
+    except subprocess.TimeoutExpired:
+        pytest.fail("alias bomb not refused within 30 s")
+    assert r.returncode == 1 and "alias" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_small_aliases_still_allowed(tmp_path):
+    (tmp_path / "spin.yaml").write_text("model: m\noutput: o\nretain: &r r.csv\ncouple: [*r, c.csv]\n")
+    assert load_run_config(tmp_path / "spin.yaml").couple[0].endswith("r.csv")
+
+
+def test_deeply_nested_yaml_is_one_line(tmp_path):
+    """Issue 11 item 6: `[` x 100000 in spin.yaml was a RecursionError traceback."""
+    (tmp_path / "spin.yaml").write_text("model: " + "[" * 100000 + "\n")
+    r = spinctl("run", tmp_path / "spin.yaml")
+    assert r.returncode == 1 and "nested too deeply" in r.stderr and r.stderr.count("\n") == 1, r.stderr

@@ -143,12 +143,12 @@ def test_out_of_memory_halves_and_restarts(tiny_model, data_csv, tmp_path, monke
     run(model, data_csv, plain, batch_size=4)
     real, calls = sc.run_pass, []
 
-    def flaky(model_, acc, batches, pad_id, device, first, progress):
+    def flaky(model_, acc, batches, pad_id, device, first, progress, *rest):  # rest: the loss scale
         calls.append(max(len(b) for b in batches))
         if len(calls) == 1:  # fail after some work: the accumulators must be reset
-            real(model_, acc, batches[:1], pad_id, device, first, progress)
+            real(model_, acc, batches[:1], pad_id, device, first, progress, *rest)
             raise torch.cuda.OutOfMemoryError("simulated")
-        real(model_, acc, batches, pad_id, device, first, progress)
+        real(model_, acc, batches, pad_id, device, first, progress, *rest)
 
     monkeypatch.setattr(sc, "run_pass", flaky)
     monkeypatch.setattr(sc, "_plan", lambda *a: (4, None))  # as if auto had picked 4

@@ -177,8 +177,10 @@ def test_cli_stream_flags(tiny_model, data_csv, tmp_path):
     summary = json.loads(r.stdout)
     assert summary["stream"] and summary["spilled"] and list(spill.iterdir()) == []
     assert_same(plain(model, data_csv, tmp_path, "wanda", "all"), read_scores(out))
-    r = subprocess.run(list(map(str, cmd[:-4] + ["--spill-dir", tmp_path / "nope"])), capture_output=True, text=True)
-    assert r.returncode == 1 and "Traceback" not in r.stderr and "--spill-dir" in r.stderr
+    r = subprocess.run(list(map(str, cmd[:-3] + ["--spill-dir", tmp_path / "nope"])), capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "--spill-dir" in r.stderr  # no such directory
+    r = subprocess.run(list(map(str, cmd[:-4] + ["--spill-dir", spill])), capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "--stream" in r.stderr  # a usage error (issue 11 item 12)
 
 
 def test_tied_embeddings(tmp_path, data_csv):

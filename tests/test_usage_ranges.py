@@ -1,0 +1,64 @@
+"""Issue 11 item 12: an option value out of range exits 2 like any other usage error, one line naming the option.
+
+Checked before any file is read: the paths below need not exist.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+SCORE = ["score", "no-model", "builtin:general", "-o", "s.safetensors"]
+SELECT = ["select", "--retain", "r.safetensors", "--couple", "c.safetensors", "-o", "sel.safetensors"]
+PATCH = ["patch", "no-model", "out", "--retain", "r.safetensors", "--couple", "c.safetensors"]
+EVAL = ["eval", "no-model", "--prompts", "builtin:eval_prompts"]
+PPL = ["ppl", "no-model", "no-text.txt"]
+
+CASES = {
+    "select_p_2": (SELECT + ["--p", "2"], "--p"),
+    "select_q_negative": (SELECT + ["--q", "-0.1"], "--q"),
+    "select_p_nan": (SELECT + ["--p", "nan"], "--p"),
+    "patch_q_2": (PATCH + ["--q", "2"], "--q"),
+    "score_nsamples_0": (SCORE + ["--nsamples", "0"], "--nsamples"),
+    "score_seed_negative": (SCORE + ["--seed", "-1"], "--seed"),
+    "score_device_tpu": (SCORE + ["--device", "tpu"], "--device"),
+    "score_keep_0": (SCORE + ["--keep", "0"], "--keep"),
+    "score_keep_2": (SCORE + ["--keep", "2"], "--keep"),
+    "score_max_length_1": (SCORE + ["--max-length", "1"], "--max-length"),
+    "score_batch_size_0": (SCORE + ["--batch-size", "0"], "--batch-size"),
+    "score_dtype_int8": (SCORE + ["--dtype", "int8"], "--dtype"),
+    "score_targets_bad_regex": (SCORE + ["--targets", "re:("], "--targets"),
+    "eval_limit_0": (EVAL + ["--limit", "0"], "--limit"),
+    "eval_max_new_tokens_0": (EVAL + ["--max-new-tokens", "0"], "--max-new-tokens"),
+    "eval_batch_size_0": (EVAL + ["--batch-size", "0"], "--batch-size"),
+    "eval_device_tpu": (EVAL + ["--device", "tpu"], "--device"),
+    "eval_dtype_int8": (EVAL + ["--dtype", "int8"], "--dtype"),
+    "ppl_seqlen_1": (PPL + ["--seqlen", "1"], "--seqlen"),
+    "ppl_device_tpu": (PPL + ["--device", "tpu"], "--device"),
+}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """All cases' CLI processes at once: each is mostly interpreter start-up."""
+    tmp = tmp_path_factory.mktemp("usage")
+    env = {k: v for k, v in os.environ.items() if k != "SPINCTL_DEBUG"}
+    run = lambda argv: subprocess.run([sys.executable, "-m", "spinctl", *argv], capture_output=True,  # noqa: E731
+                                      text=True, cwd=tmp, env=env, timeout=300)
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        futures = {name: pool.submit(run, argv) for name, (argv, _) in CASES.items()}
+        return {name: f.result() for name, f in futures.items()}, tmp
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_out_of_range_is_a_usage_error(results, name):
+    runs, tmp = results
+    r, option = runs[name], CASES[name][1]
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    assert option in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not any(tmp.iterdir()), "nothing may be written"
