@@ -249,6 +249,14 @@ def _rel(base: Path, value: str) -> str:
     return str(base / os.path.expanduser(value))
 
 
+def _model(base: Path, value: str) -> Path:
+    """model: a path relative to the YAML file, else a Hub id org/name[@rev] from the local HF cache."""
+    from .hub import HUB_ID, resolve_model
+
+    local = Path(_rel(base, value))
+    return local if local.exists() or not HUB_ID.fullmatch(value) else resolve_model(value)
+
+
 def load_run_config(path: Path, overrides: list[str] = ()) -> RunConfig:
     path = Path(path)
     try:
@@ -282,7 +290,7 @@ def load_run_config(path: Path, overrides: list[str] = ()) -> RunConfig:
             if ev.get(k):
                 ev[k] = _rel(base, ev[k])
     return RunConfig(
-        model=Path(_rel(base, data["model"])),
+        model=_model(base, data["model"]),
         output=Path(_rel(base, data["output"])) if data.get("output") and not patch.get("in_place") else None,
         cache_dir=Path(_rel(base, str(cache))), retain=_rel(base, data["retain"]),
         couple=tuple(_rel(base, c) for c in data["couple"]), score=score,

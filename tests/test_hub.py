@@ -81,3 +81,17 @@ def test_score_and_patch_by_hub_id(cached, tiny_model, tmp_path):
     r = cli("patch", "org/tiny", "--in-place", *sel, "--quiet", cache=cache, cwd=tmp_path)
     assert r.returncode == 1 and "symlink" in r.stderr
     assert {p.name: p.read_bytes() for p in (snap.parent.parent / "blobs").iterdir()} == blobs
+
+
+def test_run_yaml_model_by_hub_id(cached, tmp_path):
+    cache, snap = cached
+    (tmp_path / "spin.yaml").write_text(
+        "model: org/tiny@main\noutput: out\ncache_dir: cache\nretain: builtin:general\n"
+        "couple: [builtin:privacy, builtin:fairness]\n"
+        "score: {nsamples: 4, keep: 0.05, device: cpu, max_length: 64}\nselect: {p: 0.01, q: 0.02}\n")
+    r = cli("run", "spin.yaml", "--json", cache=cache, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["verified"]
+    (tmp_path / "spin.yaml").write_text((tmp_path / "spin.yaml").read_text().replace("org/tiny@main", "org/gone"))
+    r = cli("run", "spin.yaml", cache=cache, cwd=tmp_path)
+    assert r.returncode == 1 and "not in the Hugging Face cache" in r.stderr
