@@ -177,11 +177,21 @@ def main() -> None:
     write_outputs(rows, meta, args.workdir)
 
 
+def _saved(workdir: Path) -> dict:
+    """real.json, or (a run that stopped before writing it) the JSON lines it printed to real.jsonl."""
+    if (workdir / "real.json").is_file():
+        return json.loads((workdir / "real.json").read_text())
+    lines = [json.loads(line) for line in (workdir / "real.jsonl").read_text().splitlines() if line.startswith("{")]
+    rows = [{k: v for k, v in r.items() if k != "bench"} for r in lines if r.get("bench") == "real"]
+    meta = json.loads((workdir / "meta.json").read_text())
+    return {**meta, "rows": rows}
+
+
 def rejudge(workdir: Path, data_dir: Path) -> None:
     """Judge the saved answers again with the current keyword judge and rewrite the outputs."""
     from spinctl.evaluate import load_questions
 
-    result = json.loads((workdir / "real.json").read_text())
+    result = _saved(workdir)
     questions = {f"salad_{k}": load_questions(data_dir / f"salad_{k}.csv", "questions", result["judge_limit"])
                  for k in ("privacy", "fairness")}
     for r in result["rows"]:
