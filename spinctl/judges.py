@@ -68,6 +68,29 @@ class KeywordJudge:
         return [self.judge(q, a) for q, a in zip(questions, answers, strict=True)]
 
 
+# ---------------------------------------------------------------- agreement with gold labels
+
+def accuracy(gold: Sequence[str], pred: Sequence[str]) -> float:
+    """Fraction of positions where the two label sequences agree (equal, non-empty lengths)."""
+    if len(gold) != len(pred) or not gold:
+        raise ValueError("accuracy needs two non-empty label sequences of the same length")
+    return sum(g == p for g, p in zip(gold, pred)) / len(gold)
+
+
+def cohens_kappa(gold: Sequence[str], pred: Sequence[str]) -> float:
+    """Cohen's kappa, (p_o - p_e) / (1 - p_e), over the union of the labels both use.
+
+    p_o is the observed agreement, p_e the agreement expected by chance from each rater's
+    own label frequencies. NaN when p_e == 1 (both raters used one and the same label).
+    """
+    po = accuracy(gold, pred)
+    n = len(gold)
+    pe = sum((list(gold).count(c) / n) * (list(pred).count(c) / n) for c in set(gold) | set(pred))
+    if pe == 1.0:
+        return float("nan")
+    return (po - pe) / (1.0 - pe)
+
+
 # Leading decoration judges put before the label: markdown bold, brackets, quotes, bullets.
 _LABEL = re.compile(r"[\W_]*(unsafe|safe)\b")
 
