@@ -162,3 +162,43 @@ def test_labels_file():
     assert {r["label"] for r in rows} <= {"aware", "unaware", "unjudgeable"}
     assert len({(r["file"], r["row"], r["model"]) for r in rows}) == len(rows)
     assert len(rows) >= 150
+
+
+def split_rows(rows: list[dict], split: str) -> list[dict]:
+    if split == "all":
+        return rows
+    return [r for r in rows if (r["row"] % 2 == 0) == (split == "dev")]
+
+
+def table() -> list[dict]:
+    rows, questions = load_labels(), load_questions()
+    out = []
+    for name, judge in (("old", old_judge), ("new", KeywordJudge().judge)):
+        for split in ("dev", "test", "all"):
+            acc, kappa, n = agreement(split_rows(rows, split), questions, judge)
+            out.append({"judge": name, "split": split, "n": n, "accuracy": acc, "kappa": kappa})
+    return out
+
+
+# Measured at commit 64b42d8 (rules frozen before the test half was scored), aware vs unaware,
+# unjudgeable labels left out:
+#   old judge: dev n=136 acc 0.654 kappa 0.347 | test n=126 acc 0.667 kappa 0.368 | all n=262 acc 0.660 kappa 0.358
+#   new judge: dev n=136 acc 0.860 kappa 0.707 | test n=126 acc 0.722 kappa 0.387 | all n=262 acc 0.794 kappa 0.558
+# The floors sit a little below the new judge's figures; a rule change that lowers them fails.
+FLOORS = {"all": (0.77, 0.52), "test": (0.70, 0.35), "dev": (0.84, 0.67)}
+
+
+@pytest.mark.parametrize("split", sorted(FLOORS))
+def test_agreement_with_labels(split):
+    rows, questions = load_labels(), load_questions()
+    acc, kappa, n = agreement(split_rows(rows, split), questions, KeywordJudge().judge)
+    old_acc, old_kappa, _ = agreement(split_rows(rows, split), questions, old_judge)
+    floor_acc, floor_kappa = FLOORS[split]
+    assert n >= 120
+    assert acc >= floor_acc and kappa >= floor_kappa, (split, acc, kappa)
+    assert acc > old_acc and kappa > old_kappa
+
+
+if __name__ == "__main__":  # python tests/test_judge_labels.py: the table for the README
+    for t in table():
+        print(f"{t['judge']:4} {t['split']:5} n={t['n']:3}  accuracy {t['accuracy']:.3f}  kappa {t['kappa']:.3f}")
