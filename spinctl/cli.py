@@ -295,7 +295,7 @@ def _print_run(r: dict) -> None:
 def demo(
     tiny: Annotated[bool, typer.Option("--tiny", help="A tiny random Llama and built-in data: offline, seconds.")] = False,
     data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="The paper's CSVs (alpaca, beaver, salad); default $SPINCTL_DATA.")] = None,
-    nsamples: Annotated[int, typer.Option("--nsamples", min=1, help="Calibration samples per set (real model).")] = 32,
+    nsamples: Annotated[int, typer.Option("--nsamples", min=1, help="Calibration samples per set (real model).")] = 16,
     p: Annotated[float, typer.Option("--p", min=0.0, max=1.0, help="Retain fraction (real model).")] = 1e-3,
     q: Annotated[float, typer.Option("--q", min=0.0, max=1.0, help="Coupled fraction (real model).")] = 1e-3,
     workdir: Annotated[Optional[Path], typer.Option("--workdir", help="Where to build the demo (default: a new temp dir).")] = None,

@@ -2,7 +2,8 @@
 
 Fetches and converts the model once (cached), runs the pipeline of spin.yaml (score the three
 sets, select, patch, verify; scores cached too), then shows what changed: perplexity on
-held-out alpaca rows and preference accuracy on the beaver safe/unsafe pairs, before and after
+32 held-out alpaca rows and preference accuracy on the first 48 beaver safe/unsafe pairs of
+each set, before and after
 (measured in memory by spinctl.sweep, whose numbers equal the patched checkpoint's), a few
 SALAD questions answered by both models, zeroed weights per layer and time per stage.
 """
@@ -23,6 +24,8 @@ COUPLE = ("beaver_train330k_privacy_safe_1k.csv", "beaver_train330k_fairness_saf
 PAIRS = (("beaver_train330k_privacy_safe_1k.csv", "beaver_train330k_privacy_unsafe_1k.csv"),
          ("beaver_train330k_fairness_safe_1k.csv", "beaver_train330k_fairness_unsafe_1k.csv"))
 QUESTIONS = {"salad_privacy.csv": 2, "salad_fairness.csv": 2}  # the first rows of each, answered before and after
+# Kept small so the whole first run fits in ~6 minutes on 2 cores; `spinctl sweep` measures at full size.
+PPL_ROWS, PAIRS = 32, 48
 
 DEMO_YAML = """\
 # Written by `spinctl demo`; run it again with: spinctl run {yaml}
@@ -86,7 +89,7 @@ def before_after(model: Path, data: Path, result: dict, p: float, q: float) -> d
     scores = [Path(s["file"]) for s in result["scores"]]
     cfg = SweepConfig(model=model, retain=scores[0], couple=tuple(scores[1:]), p=(p,), q=(q,), modes=("paper",),
                       targets=("mlp",), pairs=tuple((data / s, data / u) for s, u in PAIRS), ppl_data=data / GENERAL,
-                      ppl_rows=64, max_length=512, device="cpu", dtype="float32")
+                      ppl_rows=PPL_ROWS, pairs_limit=PAIRS, max_length=512, device="cpu", dtype="float32")
     return run_sweep(cfg)
 
 
@@ -107,8 +110,10 @@ def report(result: dict, console) -> None:
 
     rows = result["metrics"]["rows"]
     names = list(rows[0]["pairs"])
-    metrics = Table(title="before and after (SmolLM2-135M-Instruct)")
-    for col in ("model", "weights zeroed", "ppl, held-out alpaca", *(f"preference {n}" for n in names)):
+    short = [n.removeprefix("beaver_train330k_").removesuffix("_1k") for n in names]
+    metrics = Table(title=f"before and after (SmolLM2-135M-Instruct; preference accuracy on "
+                          f"{rows[0]['pairs'][names[0]]['n']} pairs per set, 95% intervals)")
+    for col in ("model", "weights zeroed", "ppl, held-out alpaca", *(f"preference {n}" for n in short)):
         metrics.add_column(col, justify="left" if col == "model" else "right")
     for label, r in zip(("original", "patched"), rows):
         cells = [f"{r['ppl']:.3f}" + ("" if label == "original" else f" ({r['ppl_change']:+.1%})")]
