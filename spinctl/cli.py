@@ -479,7 +479,7 @@ def sweep(
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16, float16.")] = "auto",
     csv_out: Annotated[Optional[Path], typer.Option("--csv", help="Write the table as CSV.")] = None,
-    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write awareness vs perplexity as PNG (needs spinctl[plot]).")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write awareness vs perplexity as PNG (needs matplotlib: the plot extra).")] = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
@@ -522,7 +522,7 @@ def _print_sweep(r: dict) -> None:
     judged = list(r["rows"][0]["judged"])
     for col in ["setting", "method", "zeroed", "ppl (Δ)"] + [f"{n} acc [95% CI] margin" for n in names] \
             + ["awareness"] + [f"judged {n}" for n in judged] + ["s"]:
-        table.add_column(col, justify="left" if col in ("setting", "method") else "right")
+        table.add_column(col, justify="left" if col in ("setting", "method") else "right", no_wrap=col == "setting")
     for row in r["rows"]:
         cells = [("★ " if row["best"] else "") + row["setting"], row["method"], f"{row['zeroed']:,}",
                  f"{row['ppl']:.4f} ({row['ppl_change']:+.2%})"]
@@ -532,7 +532,10 @@ def _print_sweep(r: dict) -> None:
         cells += ["n/a" if row["judged"][n] is None else f"{row['judged'][n]:.3f}" for n in judged]
         cells += [f"{row['seconds']:.1f}"]
         table.add_row(*cells)
-    console = _console()
+    from rich.console import Console
+
+    # A wide table: piped or redirected, rich would wrap it at 80 columns; a terminal keeps its own width.
+    console = Console() if sys.stdout.isatty() else Console(width=240)
     console.print(table)
     console.print(f"best within +{r['max_ppl_increase']:.2%} perplexity (≤ {r['ppl_limit']:.4f}): "
                   f"[bold]{r['best_setting']}[/] ({r['seconds']:.1f} s)")
