@@ -75,6 +75,14 @@ def write_plot(result: dict, path: Path) -> None:
                    label=f"{i}: {r['setting']} ({r['zeroed']:,} zeroed)" + (" best" if r["best"] else ""))
         ax.annotate(str(i), (r["ppl"], r["awareness"]), fontsize=7, xytext=(4, 3 + 6 * (i % 3)),
                     textcoords="offset points")
+    ppls = [r["ppl"] for r in rows]
+    if max(ppls) > 3 * min(ppls):  # a broken setting would squash the others into one spot
+        from matplotlib.ticker import FuncFormatter
+
+        ax.set_xscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:g}")  # 6 and 20, not 6×10⁰ and 2×10¹
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(plain)
     ax.set_xlabel(f"perplexity ({Path(result['ppl_data']).name})")
     ax.set_ylabel("awareness: mean preference accuracy")
     ax.set_title(f"SPIN sweep on {Path(result['model']).name} ({', '.join(result['pair_sets'])}): "
