@@ -389,6 +389,13 @@ def eval_(
     emit(result, json_out, lambda r: _print_eval(results))
 
 
+def _wide_console():
+    """For wide tables: piped or redirected, rich would wrap them at 80 columns; a terminal keeps its width."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=240)
+
+
 def _print_eval(results: list[dict]) -> None:
     from rich.table import Table
 
@@ -411,7 +418,7 @@ def _print_eval(results: list[dict]) -> None:
                 table.add_row(r["model"], s["name"], str(s["n"]), f"{s['accuracy']:.4f}",
                               f"[{s['ci_low']:.3f}, {s['ci_high']:.3f}]", f"{s['margin']:+.4f}",
                               f"{s['identical']} identical, {s['excluded']} excluded", f"{s['seconds']:.1f}")
-        _console().print(table)
+        _wide_console().print(table)
 
 
 @app.command()
@@ -532,10 +539,7 @@ def _print_sweep(r: dict) -> None:
         cells += ["n/a" if row["judged"][n] is None else f"{row['judged'][n]:.3f}" for n in judged]
         cells += [f"{row['seconds']:.1f}"]
         table.add_row(*cells)
-    from rich.console import Console
-
-    # A wide table: piped or redirected, rich would wrap it at 80 columns; a terminal keeps its own width.
-    console = Console() if sys.stdout.isatty() else Console(width=240)
+    console = _wide_console()
     console.print(table)
     console.print(f"best within +{r['max_ppl_increase']:.2%} perplexity (≤ {r['ppl_limit']:.4f}): "
                   f"[bold]{r['best_setting']}[/] ({r['seconds']:.1f} s)")
