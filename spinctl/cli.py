@@ -406,6 +406,13 @@ def eval_(
     emit(result, json_out, lambda r: _print_eval(results))
 
 
+def _wide_console():
+    """For wide tables: piped or redirected, rich would wrap them at 80 columns; a terminal keeps its width."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=240)
+
+
 def _print_eval(results: list[dict]) -> None:
     from rich.table import Table
 
@@ -428,7 +435,7 @@ def _print_eval(results: list[dict]) -> None:
                 table.add_row(r["model"], s["name"], str(s["n"]), f"{s['accuracy']:.4f}",
                               f"[{s['ci_low']:.3f}, {s['ci_high']:.3f}]", f"{s['margin']:+.4f}",
                               f"{s['identical']} identical, {s['excluded']} excluded", f"{s['seconds']:.1f}")
-        _console().print(table)
+        _wide_console().print(table)
 
 
 @app.command()
@@ -496,7 +503,7 @@ def sweep(
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16, float16.")] = "auto",
     csv_out: Annotated[Optional[Path], typer.Option("--csv", help="Write the table as CSV.")] = None,
-    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write awareness vs perplexity as PNG (needs spinctl[plot]).")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write awareness vs perplexity as PNG (needs matplotlib: the plot extra).")] = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
@@ -539,7 +546,7 @@ def _print_sweep(r: dict) -> None:
     judged = list(r["rows"][0]["judged"])
     for col in ["setting", "method", "zeroed", "ppl (Δ)"] + [f"{n} acc [95% CI] margin" for n in names] \
             + ["awareness"] + [f"judged {n}" for n in judged] + ["s"]:
-        table.add_column(col, justify="left" if col in ("setting", "method") else "right")
+        table.add_column(col, justify="left" if col in ("setting", "method") else "right", no_wrap=col == "setting")
     for row in r["rows"]:
         cells = [("★ " if row["best"] else "") + row["setting"], row["method"], f"{row['zeroed']:,}",
                  f"{row['ppl']:.4f} ({row['ppl_change']:+.2%})"]
@@ -549,7 +556,7 @@ def _print_sweep(r: dict) -> None:
         cells += ["n/a" if row["judged"][n] is None else f"{row['judged'][n]:.3f}" for n in judged]
         cells += [f"{row['seconds']:.1f}"]
         table.add_row(*cells)
-    console = _console()
+    console = _wide_console()
     console.print(table)
     console.print(f"best within +{r['max_ppl_increase']:.2%} perplexity (≤ {r['ppl_limit']:.4f}): "
                   f"[bold]{r['best_setting']}[/] ({r['seconds']:.1f} s)")

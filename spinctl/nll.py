@@ -35,6 +35,9 @@ def response_nll(model, tok, prompts: Sequence[str], responses: Sequence[str], b
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
     if len(prompts) != len(responses):
         raise ValueError("prompts and responses differ in length")
+    if chat_template and not getattr(tok, "chat_template", None):
+        raise InputError(f"{getattr(tok, 'name_or_path', 'the tokenizer')}: tokenizer has no chat template, which "
+                         f"prompts are rendered with here; add one (chat_template.jinja) to the model directory")
     encoded = tokenize(tok, list(prompts), list(responses), max_length, chat_template)
     for i, (ids, n_prompt) in enumerate(encoded):
         if not has_response(ids, n_prompt):

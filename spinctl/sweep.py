@@ -298,7 +298,11 @@ def check_inputs(cfg: SweepConfig) -> Inputs:
 
 
 def sweep_model(model, tok, cfg: SweepConfig, log: Log = lambda s: None, inputs: Inputs | None = None) -> dict:
-    """The sweep on an already loaded model (left exactly as it was found); see run_sweep."""
+    """The sweep on an already loaded model, left exactly as it was found; see run_sweep.
+
+    `model, tok` as evaluate.load_causal_lm(cfg.model, …) returns them (the tokenizer pads on the
+    left, for generation); `inputs` from check_inputs(cfg), read again when not given.
+    """
     t0 = time.perf_counter()
     inputs = inputs or check_inputs(cfg)
     retain, couple, probes, method = inputs.retain, list(inputs.couple), inputs.probes, inputs.method

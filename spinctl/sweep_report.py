@@ -65,19 +65,31 @@ def write_plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = plt.subplots(figsize=(11, 5.5))
     ax.axvline(result["ppl_limit"], color="grey", linestyle="--", linewidth=1,
                label=f"ppl budget +{result['max_ppl_increase']:.1%}")
+    # Points are numbered and keyed in the legend: settings often land on the same spot.
     for i, r in enumerate(rows):
         color = "black" if i == 0 else ("tab:red" if r["best"] else "tab:blue")
-        ax.scatter(r["ppl"], r["awareness"], color=color, marker="s" if i == 0 else "o", zorder=3)
-        ax.annotate(f"{r['setting']} ({r['zeroed']})", (r["ppl"], r["awareness"]), fontsize=7,
-                    xytext=(4, 3), textcoords="offset points")
+        ax.scatter(r["ppl"], r["awareness"], color=color, marker="s" if i == 0 else "o", zorder=3,
+                   label=f"{i}: {r['setting']} ({r['zeroed']:,} zeroed)" + (" best" if r["best"] else ""))
+        ax.annotate(str(i), (r["ppl"], r["awareness"]), fontsize=7, xytext=(4, 3 + 6 * (i % 3)),
+                    textcoords="offset points")
+    ppls = [r["ppl"] for r in rows]
+    if max(ppls) > 3 * min(ppls):  # a broken setting would squash the others into one spot
+        from matplotlib.ticker import FuncFormatter
+
+        ax.set_xscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:g}")  # 6 and 20, not 6×10⁰ and 2×10¹
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(plain)
     ax.set_xlabel(f"perplexity ({Path(result['ppl_data']).name})")
-    ax.set_ylabel("awareness: mean preference accuracy (" + ", ".join(result["pair_sets"]) + ")")
-    ax.set_title(f"SPIN sweep on {Path(result['model']).name}: best = {result['best_setting']}", fontsize=9)
+    ax.set_ylabel("awareness: mean preference accuracy")
+    ax.set_title(f"SPIN sweep on {Path(result['model']).name} ({', '.join(result['pair_sets'])}): "
+                 f"best = {result['best_setting']}", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0,
+              ncol=1 if len(rows) <= 30 else 2)
     fig.tight_layout()
     try:
         with atomic_path(Path(path)) as tmp:
