@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import InputError
+from .errors import InputError, SpinctlError
 from .run import Log, run
 from .runconfig import load_run_config
 
@@ -76,7 +76,7 @@ def run_real_demo(workdir: Path | None, data: Path | None, nsamples: int, p: flo
     log("measuring before and after: perplexity on held-out alpaca rows, preference accuracy on the beaver pairs")
     result["metrics"] = before_after(model, data, result, p, q)
     if result["metrics"]["rows"][1]["zeroed"] != result["selected"]:  # the same selection, computed twice
-        raise AssertionError("the in-memory selection differs from the patched checkpoint's")
+        raise SpinctlError("the in-memory selection differs from the patched checkpoint's; this is a bug, please report it")
     log("answering SALAD questions with both models")
     result["answers"] = answers(model, Path(result["output"]), data)
     result["seconds"]["evaluate"] = round(time.perf_counter() - t, 3)
