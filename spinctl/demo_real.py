@@ -25,7 +25,7 @@ PAIRS = (("beaver_train330k_privacy_safe_1k.csv", "beaver_train330k_privacy_unsa
          ("beaver_train330k_fairness_safe_1k.csv", "beaver_train330k_fairness_unsafe_1k.csv"))
 QUESTIONS = {"salad_privacy.csv": 2, "salad_fairness.csv": 2}  # the first rows of each, answered before and after
 # Kept small so the whole first run fits in ~6 minutes on 2 cores; `spinctl sweep` measures at full size.
-PPL_ROWS, PAIRS = 32, 48
+PPL_ROWS, PAIRS_LIMIT = 32, 48
 
 DEMO_YAML = """\
 # Written by `spinctl demo`; run it again with: spinctl run {yaml}
@@ -89,7 +89,7 @@ def before_after(model: Path, data: Path, result: dict, p: float, q: float) -> d
     scores = [Path(s["file"]) for s in result["scores"]]
     cfg = SweepConfig(model=model, retain=scores[0], couple=tuple(scores[1:]), p=(p,), q=(q,), modes=("paper",),
                       targets=("mlp",), pairs=tuple((data / s, data / u) for s, u in PAIRS), ppl_data=data / GENERAL,
-                      ppl_rows=PPL_ROWS, pairs_limit=PAIRS, max_length=512, device="cpu", dtype="float32")
+                      ppl_rows=PPL_ROWS, pairs_limit=PAIRS_LIMIT, max_length=512, device="cpu", dtype="float32")
     return run_sweep(cfg)
 
 
