@@ -16,6 +16,7 @@ from .errors import InputError, OutputError, SpinctlError
 from .formats import SelectionFile
 from .progress import Reporter, Silent
 from .sidecars import MANIFEST, UNDO, UndoEntry, check_undo, read_undo, sidecar_paths, write_manifest, write_undo
+from .testpoint import pause
 from .stream import Edits, copy_then_pwrite, file_edits, read_ranges, stream, tensor_ranges, write_in_place
 
 
@@ -133,6 +134,8 @@ def _patch_out(cfg: PatchConfig, ck: Checkpoint, sel: SelectionFile, plans: list
     out = Path(cfg.output)
     check_output_dir(out, ck.path)
     undo = undo_entries(plans)
+    pause("patch-copying")
+
     def work(p: ShardPlan):
         src, dst = p.shard.path, tmp / p.rel
         advance = progress.task(f"patching {p.rel}", p.shard.size)
@@ -172,8 +175,10 @@ def _patch_in_place(cfg: PatchConfig, ck: Checkpoint, sel: SelectionFile, plans:
     if undo_path.exists():
         undo = _resume_undo(undo_path, manifest_path, plans)
     else:
+        pause("patch-reading-originals")
         undo = undo_entries(plans)
         write_undo(undo_path, undo, sel.meta["fingerprint"])  # the write-ahead log, fsynced before any range write
+    pause("patch-undo-written")
     for p in plans:
         write_in_place(p.shard.path, p.edits)
     hashes = {} if cfg.no_hash else _hash_in_place(plans, undo, progress)

@@ -10,6 +10,7 @@ from .errors import InputError, OutputError
 from .patch import check_output_dir, copy_other_files, run_shards
 from .progress import Reporter, Silent
 from .sidecars import UndoEntry, check_undo, read_manifest, read_undo, sidecar_paths
+from .testpoint import pause
 from .stream import Edits, file_edits, read_ranges, stream, tensor_ranges, write_in_place
 
 
@@ -108,6 +109,7 @@ def revert(target: Path, output: Path | None = None, progress: Reporter | None =
 def _revert_in_place(target: Path, undo: dict[str, UndoEntry], layout: dict) -> dict:
     """Idempotent range writes, fsynced, then the sidecars go (undo log last): a crash is fixed by rerunning."""
     root = _root(target)
+    pause("revert-restoring")
     for rel, tensors in layout.items():
         write_in_place(root / rel, _edits(tensors, undo, True))
     manifest_path, undo_path = sidecar_paths(target)
