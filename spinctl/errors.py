@@ -15,3 +15,7 @@ class OutputError(SpinctlError):
 
 class UnsupportedError(SpinctlError):
     """The input is well formed but spinctl cannot handle it (dtype, architecture)."""
+
+
+class BusyError(SpinctlError):
+    """Another spinctl process holds the model's lock."""

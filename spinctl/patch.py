@@ -14,10 +14,11 @@ from . import __version__
 from .checkpoint import Checkpoint, Shard, open_checkpoint
 from .errors import InputError, OutputError, SpinctlError
 from .formats import SelectionFile
+from .lock import ModelLock
 from .progress import Reporter, Silent
 from .sidecars import MANIFEST, UNDO, UndoEntry, check_undo, read_undo, sidecar_paths, write_manifest, write_undo
-from .testpoint import pause
 from .stream import Edits, copy_then_pwrite, file_edits, read_ranges, stream, tensor_ranges, write_in_place
+from .testpoint import pause
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class PatchConfig:
     link: bool = False
     no_hash: bool = False
     force: bool = False
+    wait: bool = False  # block on another spinctl's lock instead of failing
 
     def __post_init__(self):
         if self.in_place == (self.output is not None):
@@ -98,13 +100,16 @@ def manifest(cfg: PatchConfig, sel: SelectionFile, plans: list[ShardPlan], hashe
 def patch(cfg: PatchConfig, sel: SelectionFile, progress: Reporter | None = None) -> dict:
     """Apply a selection; returns the manifest (with `output` and `dry_run` added)."""
     progress = progress or Silent()
-    ck = open_checkpoint(cfg.model)
-    plans = plan(ck, sel)
-    if cfg.dry_run:
-        return manifest(cfg, sel, plans, {}) | {"output": None, "dry_run": True}
-    if cfg.in_place:
-        return _patch_in_place(cfg, ck, sel, plans, progress)
-    return _patch_out(cfg, ck, sel, plans, progress)
+    # in place: the only writer; out of place: one of any number of readers, never beside a writer
+    with ModelLock(cfg.model, exclusive=cfg.in_place and not cfg.dry_run, wait=cfg.wait) as lock:
+        ck = open_checkpoint(cfg.model)
+        lock.add(s.path for s in ck.shards)
+        plans = plan(ck, sel)
+        if cfg.dry_run:
+            return manifest(cfg, sel, plans, {}) | {"output": None, "dry_run": True}
+        if cfg.in_place:
+            return _patch_in_place(cfg, ck, sel, plans, progress)
+        return _patch_out(cfg, ck, sel, plans, progress)
 
 
 def check_output_dir(out: Path, model: Path) -> None:

@@ -7,11 +7,12 @@ from pathlib import Path
 
 from .checkpoint import TensorEntry, other_files, read_shard
 from .errors import InputError, OutputError
+from .lock import ModelLock
 from .patch import check_output_dir, copy_other_files, run_shards
 from .progress import Reporter, Silent
 from .sidecars import UndoEntry, check_undo, read_manifest, read_undo, sidecar_paths
-from .testpoint import pause
 from .stream import Edits, file_edits, read_ranges, stream, tensor_ranges, write_in_place
+from .testpoint import pause
 
 
 def _root(target: Path) -> Path:
@@ -57,7 +58,13 @@ def verify(target: Path, progress: Reporter | None = None) -> dict:
     """ok only if every manifest hash matches and every selected element reads zero."""
     progress = progress or Silent()
     target = _locate(target)
+    with ModelLock(target, exclusive=False) as lock:
+        return _verify(target, lock, progress)
+
+
+def _verify(target: Path, lock: ModelLock, progress: Reporter) -> dict:
     manifest, undo, layout = _load(target)
+    lock.add(_root(target) / rel for rel in layout)
     if manifest is None:
         raise InputError(f"{sidecar_paths(target)[0]}: no manifest; the patch was interrupted: rerun it, or revert")
     nonzero = []
@@ -81,11 +88,17 @@ def verify(target: Path, progress: Reporter | None = None) -> dict:
     }
 
 
-def revert(target: Path, output: Path | None = None, progress: Reporter | None = None) -> dict:
+def revert(target: Path, output: Path | None = None, progress: Reporter | None = None, wait: bool = False) -> dict:
     """Restore the original bytes: into `output` (a new directory), or in place when output is None."""
     progress = progress or Silent()
     target = _locate(target)
+    with ModelLock(target, exclusive=output is None, wait=wait) as lock:
+        return _revert(target, output, lock, progress)
+
+
+def _revert(target: Path, output: Path | None, lock: ModelLock, progress: Reporter) -> dict:
     manifest, undo, layout = _load(target)
+    lock.add(_root(target) / rel for rel in layout)
     if output is None:
         return _revert_in_place(target, undo, layout)
     output = Path(output)
