@@ -16,7 +16,8 @@ from .errors import InputError, OutputError, SpinctlError
 from .formats import SelectionFile
 from .lock import ModelLock
 from .progress import Reporter, Silent
-from .sidecars import MANIFEST, UNDO, UndoEntry, check_undo, read_undo, sidecar_paths, write_manifest, write_undo
+from .sidecars import (MANIFEST, UNDO, UndoEntry, check_undo, file_sha256, read_undo, sidecar_paths, write_manifest,
+                       write_undo)
 from .stream import Edits, copy_then_pwrite, file_edits, read_ranges, stream, tensor_ranges, write_in_place
 from .testpoint import pause
 
@@ -78,7 +79,7 @@ def undo_entries(plans: list[ShardPlan]) -> dict[str, UndoEntry]:
     return out
 
 
-def manifest(cfg: PatchConfig, sel: SelectionFile, plans: list[ShardPlan], hashes: dict[str, tuple]) -> dict:
+def manifest(cfg: PatchConfig, sel: SelectionFile, plans: list[ShardPlan], hashes: dict[str, tuple], undo_sha256: str | None = None) -> dict:
     per_tensor = {n: int(len(a)) for p in plans for n, a in sorted(p.selected.items())}
     files = {}
     for p in plans:
@@ -92,6 +93,7 @@ def manifest(cfg: PatchConfig, sel: SelectionFile, plans: list[ShardPlan], hashe
         "parameters": {"selection": params, "in_place": cfg.in_place, "link": cfg.link, "no_hash": cfg.no_hash},
         "fingerprint": sel.meta["fingerprint"], "hashes": not cfg.no_hash,
         "files": files, "tensors": per_tensor,
+        **({"undo_sha256": undo_sha256} if undo_sha256 else {}),  # recorded even with --no-hash: the log is small
         "totals": {"zeroed": sum(per_tensor.values()), "tensors_touched": len(per_tensor),
                    "files_changed": sum(1 for p in plans if p.edits)},
     }
@@ -157,8 +159,8 @@ def _patch_out(cfg: PatchConfig, ck: Checkpoint, sel: SelectionFile, plans: list
     with staged_dir(out) as tmp:
         hashes = {rel: h for rel, h in run_shards(plans, work) if h}
         copy_other_files(ck.root, ck.other_files(), tmp)
-        m = manifest(cfg, sel, plans, hashes)
-        write_undo(tmp / UNDO, undo, sel.meta["fingerprint"])
+        undo_sha = write_undo(tmp / UNDO, undo, sel.meta["fingerprint"])
+        m = manifest(cfg, sel, plans, hashes, undo_sha)
         write_manifest(tmp / MANIFEST, m)
     return m | {"output": str(out), "dry_run": False}
 
@@ -179,15 +181,16 @@ def _patch_in_place(cfg: PatchConfig, ck: Checkpoint, sel: SelectionFile, plans:
             raise OutputError(f"{links[0]}: is a symlink (a Hugging Face cache blob?); writing would change every model sharing it. Copy the model, or pass --force")
     if undo_path.exists():
         undo = _resume_undo(undo_path, manifest_path, plans)
+        undo_sha = file_sha256(undo_path)
     else:
         pause("patch-reading-originals")
         undo = undo_entries(plans)
-        write_undo(undo_path, undo, sel.meta["fingerprint"])  # the write-ahead log, fsynced before any range write
+        undo_sha = write_undo(undo_path, undo, sel.meta["fingerprint"])  # the write-ahead log, fsynced before any range write
     pause("patch-undo-written")
     for p in plans:
         write_in_place(p.shard.path, p.edits)
     hashes = {} if cfg.no_hash else _hash_in_place(plans, undo, progress)
-    m = manifest(cfg, sel, plans, hashes)
+    m = manifest(cfg, sel, plans, hashes, undo_sha)
     write_manifest(manifest_path, m)  # written last: its presence marks a finished patch
     return m | {"output": str(ck.path), "dry_run": False}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -70,8 +71,36 @@ def encode_undo(entries: dict[str, UndoEntry], fingerprint: str) -> bytes:
     return len(raw).to_bytes(8, "little") + raw + b"".join(blobs)
 
 
-def write_undo(path: Path, entries: dict[str, UndoEntry], fingerprint: str) -> None:
-    atomic_write_bytes(path, encode_undo(entries, fingerprint))
+def write_undo(path: Path, entries: dict[str, UndoEntry], fingerprint: str) -> str:
+    """Write the log; returns its sha256, which the manifest records so a changed log is caught before a revert."""
+    data = encode_undo(entries, fingerprint)
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_undo_recorded(undo_path: Path, undo: dict[str, UndoEntry], manifest: dict) -> None:
+    """The undo log is the one the manifest recorded: same sha256, same tensors with the same counts.
+
+    Older manifests lack `undo_sha256`; the per-tensor counts are checked whatever the version.
+    """
+    want = manifest.get("undo_sha256")
+    if want is not None and file_sha256(undo_path) != want:
+        raise InputError(f"{undo_path}: sha256 differs from the one recorded in the manifest; the undo log was changed "
+                         "or is corrupt, and restoring from it would not give the original bytes")
+    counts = manifest.get("tensors")
+    if isinstance(counts, dict) and counts != {n: len(e.indices) for n, e in undo.items()}:
+        extra = sorted(set(undo) - set(counts)) or sorted(n for n in counts if n in undo and counts[n] != len(undo[n].indices))
+        missing = sorted(set(counts) - set(undo))
+        what = f"tensor {missing[0]} is missing from it" if missing else f"tensor {extra[0]} is not as the manifest recorded"
+        raise InputError(f"{undo_path}: {what}; the undo log was changed or is corrupt")
 
 
 def read_undo(path: Path) -> tuple[str, dict[str, UndoEntry]]:

@@ -10,7 +10,7 @@ from .errors import InputError, OutputError
 from .lock import ModelLock
 from .patch import check_output_dir, copy_other_files, run_shards
 from .progress import Reporter, Silent
-from .sidecars import UndoEntry, check_undo, read_manifest, read_undo, sidecar_paths
+from .sidecars import UndoEntry, check_undo, check_undo_recorded, read_manifest, read_undo, sidecar_paths
 from .stream import Edits, file_edits, read_ranges, stream, tensor_ranges, write_in_place
 from .testpoint import pause
 
@@ -46,6 +46,8 @@ def _load(target: Path) -> tuple[dict | None, dict[str, UndoEntry], dict[str, di
             raise InputError(f"{manifest_path}: file entry {rel!r} escapes the directory")
         layout[rel] = read_shard(_root(target) / rel).tensors
     check_undo(undo_path, undo, {n: t for tensors in layout.values() for n, t in tensors.items()})
+    if manifest is not None:
+        check_undo_recorded(undo_path, undo, manifest)
     return manifest, undo, layout
 
 
@@ -100,6 +102,7 @@ def _revert(target: Path, output: Path | None, lock: ModelLock, progress: Report
     manifest, undo, layout = _load(target)
     lock.add(_root(target) / rel for rel in layout)
     if output is None:
+        _check_restorable(target, manifest, undo, layout, progress)
         return _revert_in_place(target, undo, layout)
     output = Path(output)
     check_output_dir(output, target)
@@ -117,6 +120,27 @@ def _revert(target: Path, output: Path | None, lock: ModelLock, progress: Report
         if target.is_dir():
             copy_other_files(target, other_files(target, set(layout)), tmp)
     return {"output": str(output), "files": len(layout), "restored": sum(len(u.indices) for u in undo.values()), "in_place": False}
+
+
+def _check_restorable(target: Path, manifest: dict | None, undo: dict[str, UndoEntry], layout: dict, progress: Reporter) -> None:
+    """Before any byte is written: each file, with the undo values applied, hashes to its recorded input sha256.
+
+    Reads every file the patch changed (or the log now touches), so a revert in place costs a read of
+    those files; without recorded input hashes (--no-hash, or an interrupted patch) the undo log's
+    own sha256 and tensor counts (checked in _load) are all there is.
+    """
+    root, files = _root(target), (manifest or {}).get("files", {})
+    todo = [rel for rel in layout if files.get(rel, {}).get("input_sha256")
+            and (files[rel]["input_sha256"] != files[rel].get("output_sha256") or any(n in undo for n in layout[rel]))]
+
+    def work(rel):
+        advance = progress.task(f"checking {rel}", os.path.getsize(root / rel))
+        return rel, stream(root / rel, _edits(layout[rel], undo, True), None, hash_before=False, advance=advance)[1]
+
+    for rel, digest in run_shards(todo, work) if todo else []:
+        if digest != files[rel]["input_sha256"]:
+            raise InputError(f"{sidecar_paths(target)[1]}: restoring {root / rel} from it would not give the original bytes "
+                             "(sha256 differs from the manifest's input_sha256); nothing was restored")
 
 
 def _revert_in_place(target: Path, undo: dict[str, UndoEntry], layout: dict) -> dict:

@@ -671,6 +671,67 @@ def undo_wrong_dtype(w, tmp):
     return _corrupt_undo(w, tmp, lambda e: UndoEntry("F32", e.indices, e.values * 2))
 
 
+def _in_place_spoiled(w, tmp, spoil, no_hash=False, fix_manifest=False) -> tuple[Path, Path]:
+    """A model patched in place whose undo log is then spoiled (issue 11: revert trusted it and lost the originals)."""
+    m = w.model(tmp)
+    patch(PatchConfig(m, in_place=True, no_hash=no_hash), read_selection(w.files["sel"]))
+    undo_path = m / "spin-undo.safetensors"
+    spoil(undo_path)
+    if fix_manifest:  # the manifest's record of the log updated too: only the restored bytes' hash is left to catch it
+        mp = m / "spin-manifest.json"
+        man = json.loads(mp.read_text())
+        man["undo_sha256"] = _sha(undo_path)
+        mp.write_text(json.dumps(man))
+    return m, undo_path
+
+
+def _flip_last_byte(undo_path: Path) -> None:
+    data = bytearray(undo_path.read_bytes())
+    data[-1] ^= 0x40  # the last original value of the last tensor
+    undo_path.write_bytes(bytes(data))
+
+
+def _drop_entry(undo_path: Path) -> None:
+    fp, undo = read_undo(undo_path)
+    del undo[sorted(undo)[0]]
+    undo_path.write_bytes(encode_undo(undo, fp))
+
+
+def _add_entry(undo_path: Path) -> None:
+    fp, undo = read_undo(undo_path)
+    ck = open_checkpoint(undo_path.parent)
+    name = next(n for n, t in sorted(ck.tensors.items()) if n not in undo and t.dtype == "BF16" and t.numel > 8)
+    undo[name] = UndoEntry("BF16", np.arange(4, dtype=np.int64), b"\x55" * 8)
+    undo_path.write_bytes(encode_undo(undo, fp))
+
+
+SPOILS = {"flip": _flip_last_byte, "drop": _drop_entry, "add": _add_entry}
+
+
+def _spoiled_revert(how: str, **kw):
+    def build(w, tmp):
+        m, undo_path = _in_place_spoiled(w, tmp, SPOILS[how], **kw)
+        return ["revert", m, "--in-place"], [undo_path]
+    build.__name__ = f"revert_in_place_undo_{how}" + ("_no_hash" if kw.get("no_hash") else "") + ("_manifest_too" if kw.get("fix_manifest") else "")
+    return case(build)
+
+
+def _spoiled_verify(how: str, **kw):
+    def build(w, tmp):
+        m, undo_path = _in_place_spoiled(w, tmp, SPOILS[how], **kw)
+        return ["verify", m], [undo_path.name]
+    build.__name__ = f"verify_undo_{how}" + ("_no_hash" if kw.get("no_hash") else "")
+    return case(build)
+
+
+for _how in SPOILS:
+    _spoiled_revert(_how)
+    _spoiled_revert(_how, no_hash=True)
+    _spoiled_revert(_how, fix_manifest=True)
+    _spoiled_verify(_how)
+    _spoiled_verify(_how, no_hash=True)
+
+
 @case
 def reference_mode_one_couple(w, tmp):
     r, c = w.file(tmp, "r"), w.file(tmp, "c")
