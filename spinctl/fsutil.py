@@ -67,3 +67,13 @@ def staged_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def refuse_hard_links(paths) -> None:
+    """In-place writes go to the inode: through a second name they would change another model too (`--link` outputs)."""
+    for path in paths:
+        n = os.stat(path).st_nlink
+        if n > 1:
+            raise OutputError(f"{path}: has {n} hard links, so writing it in place would change the other names too "
+                              f"(another model, or a `patch --link` output); break the link first "
+                              f"(cp {path} {path}.copy && mv {path}.copy {path}), or patch out of place")

@@ -14,6 +14,7 @@ from . import __version__
 from .checkpoint import Checkpoint, Shard, open_checkpoint
 from .errors import InputError, OutputError, SpinctlError
 from .formats import SelectionFile
+from .fsutil import refuse_hard_links
 from .lock import ModelLock
 from .progress import Reporter, Silent
 from .sidecars import (MANIFEST, UNDO, UndoEntry, check_undo, file_sha256, read_undo, sidecar_paths, write_manifest,
@@ -179,6 +180,7 @@ def _patch_in_place(cfg: PatchConfig, ck: Checkpoint, sel: SelectionFile, plans:
         links = [p.shard.path for p in plans if p.edits and p.shard.path.is_symlink()]
         if links:
             raise OutputError(f"{links[0]}: is a symlink (a Hugging Face cache blob?); writing would change every model sharing it. Copy the model, or pass --force")
+    refuse_hard_links(p.shard.path for p in plans if p.edits)  # --force or not: the other names are other models
     if undo_path.exists():
         undo = _resume_undo(undo_path, manifest_path, plans)
         undo_sha = file_sha256(undo_path)

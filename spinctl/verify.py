@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .checkpoint import TensorEntry, other_files, read_shard
 from .errors import InputError, OutputError
+from .fsutil import refuse_hard_links
 from .lock import ModelLock
 from .patch import check_output_dir, copy_other_files, run_shards
 from .progress import Reporter, Silent
@@ -102,6 +103,7 @@ def _revert(target: Path, output: Path | None, lock: ModelLock, progress: Report
     manifest, undo, layout = _load(target)
     lock.add(_root(target) / rel for rel in layout)
     if output is None:
+        refuse_hard_links(_root(target) / rel for rel, tensors in layout.items() if any(n in undo for n in tensors))
         _check_restorable(target, manifest, undo, layout, progress)
         return _revert_in_place(target, undo, layout)
     output = Path(output)
