@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .checkpoint import Checkpoint, Shard, open_checkpoint
+from .checkpoint import Checkpoint, Shard, is_reserved, open_checkpoint
 from .errors import InputError, OutputError, SpinctlError
 from .formats import SelectionFile
 from .fsutil import refuse_hard_links
 from .lock import ModelLock
 from .progress import Reporter, Silent
-from .sidecars import (MANIFEST, UNDO, UndoEntry, check_undo, file_sha256, read_undo, sidecar_paths, write_manifest,
-                       write_undo)
+from .sidecars import (MANIFEST, UNDO, UndoEntry, check_undo, file_sha256, read_undo, refuse_stacked, sidecar_paths,
+                       write_manifest, write_undo)
 from .stream import Edits, copy_then_pwrite, file_edits, read_ranges, stream, tensor_ranges, write_in_place
 from .testpoint import pause
 
@@ -107,6 +107,9 @@ def patch(cfg: PatchConfig, sel: SelectionFile, progress: Reporter | None = None
     with ModelLock(cfg.model, exclusive=cfg.in_place and not cfg.dry_run, wait=cfg.wait) as lock:
         ck = open_checkpoint(cfg.model)
         lock.add(s.path for s in ck.shards)
+        if ck.is_file and is_reserved(ck.path.name):
+            raise InputError(f"{ck.path}: the name is reserved for spinctl's undo logs and manifests; rename the file")
+        refuse_stacked(ck.path, in_place=cfg.in_place)
         plans = plan(ck, sel)
         if cfg.dry_run:
             return manifest(cfg, sel, plans, {}) | {"output": None, "dry_run": True}

@@ -27,6 +27,31 @@ def sidecar_paths(target: Path) -> tuple[Path, Path]:
     return target / MANIFEST, target / UNDO
 
 
+def is_sidecar(name: str) -> bool:
+    """An undo log or manifest of any target: spin-undo*/spin-manifest*, or NAME.spin-undo*/NAME.spin-manifest*."""
+    return not name.startswith(".") and ("spin-undo" in name or "spin-manifest" in name)
+
+
+def refuse_stacked(target: Path, in_place: bool) -> None:
+    """Undo logs never stack: a second patch over a patched model would log patched bytes as the originals.
+
+    A directory: any undo log or manifest at its top. A lone file: its own NAME.spin-*, or its
+    directory's spin-* (the file is a shard of a model patched as a directory). In place, the
+    target's own pair is left to the caller, which resumes an interrupted patch or refuses.
+    """
+    target = Path(target)
+    own = set(sidecar_paths(target)) if in_place else set()
+    if target.is_dir():
+        found = [p for p in sorted(target.iterdir()) if is_sidecar(p.name)]
+    else:
+        found = [p for p in (*sidecar_paths(target), *sidecar_paths(target.parent)) if p.exists()]
+    found = sorted((p for p in found if p not in own), key=lambda p: "spin-undo" not in p.name)  # name the log first
+    if found:
+        raise InputError(f"{found[0]}: {target} carries an undo log or manifest of an earlier patch; revert that patch "
+                         "first (spinctl revert --in-place), or patch the original: a second patch on top would lose the "
+                         "original bytes")
+
+
 def write_manifest(path: Path, manifest: dict) -> None:
     atomic_write_bytes(path, (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode())
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .checkpoint import TensorEntry, other_files, read_shard
+from .checkpoint import TensorEntry, other_files, read_shard, weight_file_names
 from .errors import InputError, OutputError
 from .fsutil import refuse_hard_links
 from .lock import ModelLock
@@ -39,8 +39,10 @@ def _load(target: Path) -> tuple[dict | None, dict[str, UndoEntry], dict[str, di
         raise InputError(f"{undo_path}: no undo log; {target} was not patched by spinctl, or was already reverted")
     _, undo = read_undo(undo_path)
     files = list(manifest["files"]) if manifest else [target.name] if target.is_file() else None
-    if files is None:  # an interrupted patch of a directory: find the shards the undo log names
-        files = sorted({p.name for p in target.glob("*.safetensors") if p.name != undo_path.name})
+    if manifest is not None:
+        _check_file_list(target, manifest_path, files)
+    if files is None:  # an interrupted patch of a directory: its own weight files
+        files = weight_file_names(target)
     layout = {}
     for rel in files:
         if "/" in rel or rel in ("", ".", ".."):
@@ -50,6 +52,18 @@ def _load(target: Path) -> tuple[dict | None, dict[str, UndoEntry], dict[str, di
     if manifest is not None:
         check_undo_recorded(undo_path, undo, manifest)
     return manifest, undo, layout
+
+
+def _check_file_list(target: Path, manifest_path: Path, files: list[str]) -> None:
+    """The manifest's files are the checkpoint's own (its index, or its .safetensors): a shard left out would go unchecked."""
+    own = [target.name] if target.is_file() else weight_file_names(target)
+    missing, extra = sorted(set(own) - set(files)), sorted(set(files) - set(own))
+    if missing:
+        raise InputError(f"{manifest_path}: weight file {missing[0]} of the checkpoint is not in the manifest; "
+                         "the manifest is incomplete or belongs to another checkpoint")
+    if extra:
+        raise InputError(f"{manifest_path}: lists {extra[0]}, which is not a weight file of {target}; "
+                         "the manifest is corrupt or belongs to another checkpoint")
 
 
 def _edits(tensors: dict[str, TensorEntry], undo: dict[str, UndoEntry], restore: bool) -> Edits:

@@ -732,6 +732,122 @@ for _how in SPOILS:
     _spoiled_verify(_how, no_hash=True)
 
 
+def _manifest_without_unchanged_shard(w, tmp) -> tuple[Path, str]:
+    """issue 11 item 4: a shard dropped from the manifest, then changed: nothing looked at it."""
+    d = _patched(w, tmp)
+    mp = d / "spin-manifest.json"
+    m = json.loads(mp.read_text())
+    victim = next(f for f, e in m["files"].items() if not e["changed"])
+    del m["files"][victim]
+    mp.write_text(json.dumps(m))
+    data = bytearray((d / victim).read_bytes())
+    data[-1] ^= 0xFF
+    (d / victim).write_bytes(bytes(data))
+    return d, victim
+
+
+@case
+def verify_manifest_missing_shard(w, tmp):
+    d, victim = _manifest_without_unchanged_shard(w, tmp)
+    return ["verify", d], [victim]
+
+
+@case
+def revert_manifest_missing_shard(w, tmp):
+    d, victim = _manifest_without_unchanged_shard(w, tmp)
+    return ["revert", d, tmp / "restored"], [victim]
+
+
+@case
+def revert_in_place_manifest_missing_shard(w, tmp):
+    d, victim = _manifest_without_unchanged_shard(w, tmp)
+    return ["revert", d, "--in-place"], [victim]
+
+
+# issue 11 item 5: undo logs never stack
+
+
+@case
+def in_place_file_inside_dir_patched_in_place(w, tmp):
+    f = w.single(tmp)
+    patch(PatchConfig(f.parent, in_place=True), read_selection(w.files["sel_f32"]))
+    return ["patch", f, "--in-place", "-s", w.file(tmp, "sel_f32")], [f.parent / "spin-undo.safetensors"]
+
+
+@case
+def in_place_dir_holding_file_patched_in_place(w, tmp):
+    f = w.single(tmp)
+    patch(PatchConfig(f, in_place=True), read_selection(w.files["sel_f32"]))
+    return ["patch", f.parent, "--in-place", "-s", w.file(tmp, "sel_f32")], [f"{f.name}.spin-undo.safetensors"]
+
+
+@case
+def out_of_place_of_unfinished_in_place(w, tmp):
+    m = w.model(tmp)
+    patch(PatchConfig(m, in_place=True), read_selection(w.files["sel"]))
+    (m / "spin-manifest.json").unlink()  # as if the in-place patch died before its manifest
+    return w.patch_argv(tmp, m), [m / "spin-undo.safetensors"]
+
+
+@case
+def out_of_place_of_patched_in_place(w, tmp):
+    m = w.model(tmp)
+    patch(PatchConfig(m, in_place=True), read_selection(w.files["sel"]))
+    return w.patch_argv(tmp, m), [m / "spin-undo.safetensors"]
+
+
+@case
+def out_of_place_of_single_file_patched_in_place(w, tmp):
+    f = w.single(tmp)
+    patch(PatchConfig(f, in_place=True), read_selection(w.files["sel_f32"]))
+    return ["patch", f, tmp / "out", "-s", w.file(tmp, "sel_f32")], [f"{f.name}.spin-undo.safetensors"]
+
+
+# issue 11 item 9: spinctl's own file names are reserved
+
+
+def _reserved_shard(w, tmp, reserved: str, *extra):
+    m = w.model(tmp)
+    index = m / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    old = sorted(set(data["weight_map"].values()))[-1]
+    (m / old).rename(m / reserved)
+    data["weight_map"] = {k: (reserved if v == old else v) for k, v in data["weight_map"].items()}
+    index.write_text(json.dumps(data))
+    return m
+
+
+@case
+def index_names_undo_log_out_of_place(w, tmp):
+    m = _reserved_shard(w, tmp, "spin-undo.safetensors")
+    return w.patch_argv(tmp, m), ["spin-undo.safetensors"]
+
+
+@case
+def index_names_undo_log_in_place(w, tmp):
+    m = _reserved_shard(w, tmp, "spin-undo.safetensors")
+    return ["patch", m, "--in-place", "-s", w.file(tmp, "sel")], ["spin-undo.safetensors"]
+
+
+@case
+def index_names_spin_prefixed_shard(w, tmp):
+    m = _reserved_shard(w, tmp, "spin-weights.safetensors")
+    return w.patch_argv(tmp, m), ["spin-weights.safetensors"]
+
+
+@case
+def index_names_file_undo_log(w, tmp):
+    m = _reserved_shard(w, tmp, "model-00001.safetensors.spin-undo.safetensors")
+    return w.patch_argv(tmp, m), ["model-00001.safetensors.spin-undo.safetensors"]
+
+
+@case
+def single_file_named_as_undo_log(w, tmp):
+    f = w.single(tmp)
+    g = f.rename(f.parent / "spin-undo.safetensors")
+    return ["patch", g, tmp / "out", "-s", w.file(tmp, "sel_f32")], [g]
+
+
 @case
 def reference_mode_one_couple(w, tmp):
     r, c = w.file(tmp, "r"), w.file(tmp, "c")
