@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -150,10 +149,6 @@ class Checkpoint:
     def shard_of(self, path: Path) -> Shard:
         return next(s for s in self.shards if s.path == path)
 
-    def other_files(self) -> list[Path]:
-        """Files to copy verbatim next to patched shards (relative paths), for a directory model."""
-        return [] if self.is_file else other_files(self.path, {s.path.name for s in self.shards})
-
 
 def is_reserved(name: str) -> bool:
     """spinctl's own names: spin-* at the top of a model, NAME.spin-undo/-manifest beside a lone file.
@@ -164,21 +159,6 @@ def is_reserved(name: str) -> bool:
 
 
 WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack"}
-
-
-def other_files(root: Path, weight_names: set[str]) -> list[Path]:
-    """Every file under `root` except the weights and spin-* sidecars, as relative paths."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for fn in sorted(filenames):
-            rel = Path(dirpath, fn).relative_to(root)
-            if rel.parent == Path(".") and (fn in weight_names or fn.startswith("spin-")):
-                continue
-            if rel.suffix in WEIGHT_SUFFIXES or fn.startswith("."):
-                continue  # another copy of the weights would carry them unpatched
-            out.append(rel)
-    return out
 
 
 def fingerprint(tensors: dict[str, TensorEntry]) -> str:

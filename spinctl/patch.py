@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from .errors import InputError, OutputError, SpinctlError
 from .formats import SelectionFile
 from .fsutil import refuse_hard_links
 from .lock import ModelLock
+from .nonweights import copy_other_files
 from .progress import Reporter, Silent
 from .sidecars import (MANIFEST, UNDO, UndoEntry, check_undo, file_sha256, read_undo, refuse_stacked, sidecar_paths,
                        write_manifest, write_undo)
@@ -127,12 +127,6 @@ def check_output_dir(out: Path, model: Path) -> None:
         raise OutputError(f"{out}: output must be outside the input model directory {src}")
 
 
-def copy_other_files(root: Path, rels: list[Path], dst: Path) -> None:
-    for rel in rels:
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(root / rel, dst / rel)  # follows symlinks: the copy owns its bytes
-
-
 def run_shards(jobs, work) -> list:
     """Shards in parallel: file I/O and sha256 release the GIL, so threads overlap them."""
     with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1, 4))) as pool:
@@ -162,7 +156,8 @@ def _patch_out(cfg: PatchConfig, ck: Checkpoint, sel: SelectionFile, plans: list
 
     with staged_dir(out) as tmp:
         hashes = {rel: h for rel, h in run_shards(plans, work) if h}
-        copy_other_files(ck.root, ck.other_files(), tmp)
+        if not ck.is_file:
+            copy_other_files(ck.root, {s.path.name for s in ck.shards}, tmp)
         undo_sha = write_undo(tmp / UNDO, undo, sel.meta["fingerprint"])
         m = manifest(cfg, sel, plans, hashes, undo_sha)
         write_manifest(tmp / MANIFEST, m)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .checkpoint import TensorEntry, other_files, read_shard, weight_file_names
+from .checkpoint import TensorEntry, read_shard, weight_file_names
 from .errors import InputError, OutputError
 from .fsutil import refuse_hard_links
 from .lock import ModelLock
-from .patch import check_output_dir, copy_other_files, run_shards
+from .nonweights import copy_other_files
+from .patch import check_output_dir, run_shards
 from .progress import Reporter, Silent
 from .sidecars import UndoEntry, check_undo, check_undo_recorded, read_manifest, read_undo, sidecar_paths
 from .stream import Edits, file_edits, read_ranges, stream, tensor_ranges, write_in_place
@@ -134,7 +135,7 @@ def _revert(target: Path, output: Path | None, lock: ModelLock, progress: Report
             if expected and digest != expected:
                 raise OutputError(f"{_root(target) / rel}: restored bytes do not match the original sha256; the patched file was changed after patching")
         if target.is_dir():
-            copy_other_files(target, other_files(target, set(layout)), tmp)
+            copy_other_files(target, set(layout), tmp)
     return {"output": str(output), "files": len(layout), "restored": sum(len(u.indices) for u in undo.values()), "in_place": False}
 
 

@@ -50,9 +50,11 @@ def tree(root: Path) -> dict[str, tuple]:
             p = Path(dirpath, name)
             rel = str(p.relative_to(root))
             if p.is_symlink():
-                out[rel] = ("link", os.readlink(p), _sha(p) if p.is_file() else None)
+                out[rel] = ("link", os.readlink(p), _sha(p) if p.is_file() and not str(p.resolve()).startswith("/dev/") else None)
             elif p.is_dir():
                 out[rel] = ("dir",)
+            elif not p.is_file():  # a FIFO: opening it to hash would block
+                out[rel] = ("special",)
             else:
                 out[rel] = ("file", _sha(p))
     return out
@@ -846,6 +848,55 @@ def single_file_named_as_undo_log(w, tmp):
     f = w.single(tmp)
     g = f.rename(f.parent / "spin-undo.safetensors")
     return ["patch", g, tmp / "out", "-s", w.file(tmp, "sel_f32")], [g]
+
+
+# issue 11 item 8: only regular files, and links that stay inside the model, are copied into OUT
+
+
+@case
+def other_file_links_to_dev_zero(w, tmp):
+    m = w.model(tmp)
+    (m / "tokenizer.model").symlink_to("/dev/zero")
+    return w.patch_argv(tmp, m), [m / "tokenizer.model"]
+
+
+@case
+def other_file_links_outside(w, tmp):
+    m = w.model(tmp)
+    (tmp / "secret.txt").write_text("not for OUT")
+    (m / "notes.txt").symlink_to(tmp / "secret.txt")
+    return w.patch_argv(tmp, m), [m / "notes.txt"]
+
+
+@case
+def other_file_is_fifo(w, tmp):
+    m = w.model(tmp)
+    os.mkfifo(m / "pipe")
+    return w.patch_argv(tmp, m), [m / "pipe"]
+
+
+@case
+def other_file_dangling_link(w, tmp):
+    m = w.model(tmp)
+    (m / "gone.json").symlink_to(m / "nothing-here.json")
+    return w.patch_argv(tmp, m), [m / "gone.json"]
+
+
+@case
+def other_subdir_links_outside(w, tmp):
+    m = w.model(tmp)
+    (tmp / "elsewhere").mkdir()
+    (tmp / "elsewhere" / "private.txt").write_text("not for OUT")
+    (m / "extra").symlink_to(tmp / "elsewhere")
+    return w.patch_argv(tmp, m), [m / "extra"]
+
+
+@case
+def revert_other_file_links_outside(w, tmp):
+    d = _patched(w, tmp)
+    (tmp / "secret.txt").write_text("not for OUT")
+    (d / "notes.txt").symlink_to(tmp / "secret.txt")
+    return ["revert", d, tmp / "restored"], [d / "notes.txt"]
 
 
 @case

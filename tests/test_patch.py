@@ -234,3 +234,26 @@ def test_revert_in_place_refuses_hard_links(tiny_model, tmp_path):
     r = spinctl("revert", twin, "--in-place", check=False)
     assert r.returncode == 1 and "hard link" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert snapshot(m) == before and snapshot(twin) == before
+
+
+def test_links_inside_the_model_are_copied_as_files(tiny_model, tmp_path):
+    """issue 11 item 8: a symlinked file or subdirectory inside the model, or into a Hugging Face blob store, is copied."""
+    import shutil
+
+    src = tiny_model("llama", "float32")
+    repo = tmp_path / "models--org--tiny"
+    snap = repo / "snapshots" / "abc123"
+    shutil.copytree(src, snap)
+    (repo / "blobs").mkdir()
+    shutil.move(snap / "config.json", repo / "blobs" / "c0ffee")
+    (snap / "config.json").symlink_to("../../blobs/c0ffee")  # how the HF cache lays out a snapshot
+    (snap / "templates").mkdir()
+    (snap / "templates" / "chat.jinja").write_text("{{ messages }}")
+    (snap / "templates_alias").symlink_to("templates")
+    (snap / "tokenizer_alias.json").symlink_to("tokenizer.json")
+    out = tmp_path / "out"
+    spinctl("patch", snap, out, "--selection", make_selection(src, tmp_path), "-q")
+    for rel in ("config.json", "tokenizer_alias.json", "templates/chat.jinja", "templates_alias/chat.jinja"):
+        assert (out / rel).is_file() and not (out / rel).is_symlink(), rel
+    assert (out / "config.json").read_bytes() == (src / "config.json").read_bytes()
+    assert (out / "templates_alias" / "chat.jinja").read_text() == "{{ messages }}"
