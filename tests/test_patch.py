@@ -257,3 +257,20 @@ def test_links_inside_the_model_are_copied_as_files(tiny_model, tmp_path):
         assert (out / rel).is_file() and not (out / rel).is_symlink(), rel
     assert (out / "config.json").read_bytes() == (src / "config.json").read_bytes()
     assert (out / "templates_alias" / "chat.jinja").read_text() == "{{ messages }}"
+
+
+def test_outputs_honour_umask(tiny_model, tmp_path):
+    """issue 11 item 13: under umask 022 OUT is drwxr-xr-x and its files -rw-r--r--, undo log and manifest included."""
+    import stat
+
+    src = tiny_model("llama", "float32")
+    sel = make_selection(src, tmp_path)
+    old = os.umask(0o022)
+    try:
+        patch(PatchConfig(src, tmp_path / "out"), read_selection(sel))
+    finally:
+        os.umask(old)
+    out = tmp_path / "out"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    for f in out.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f.name
