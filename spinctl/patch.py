@@ -17,7 +17,8 @@ from .fsutil import refuse_hard_links
 from .lock import ModelLock
 from .nonweights import copy_other_files
 from .progress import Reporter, Silent
-from .sidecars import (MANIFEST, UNDO, UndoEntry, check_undo, file_sha256, read_undo, refuse_stacked, sidecar_paths,
+from .sidecars import (MANIFEST, UNDO, UndoEntry, check_undo, file_sha256, read_undo, refuse_stacked, remove_stale_temps,
+                       sidecar_paths,
                        write_manifest, write_undo)
 from .stream import Edits, copy_then_pwrite, file_edits, read_ranges, stream, tensor_ranges, write_in_place
 from .testpoint import pause
@@ -174,6 +175,7 @@ def _try_link(src: Path, dst: Path) -> bool:
 
 def _patch_in_place(cfg: PatchConfig, ck: Checkpoint, sel: SelectionFile, plans: list[ShardPlan], progress: Reporter) -> dict:
     manifest_path, undo_path = sidecar_paths(ck.path)
+    remove_stale_temps(ck.path)
     if not cfg.force:
         links = [p.shard.path for p in plans if p.edits and p.shard.path.is_symlink()]
         if links:

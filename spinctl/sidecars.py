@@ -52,6 +52,14 @@ def refuse_stacked(target: Path, in_place: bool) -> None:
                          "original bytes")
 
 
+def remove_stale_temps(target: Path) -> None:
+    """A process killed between writing and renaming its undo log or manifest leaves `.NAME.*.tmp`: called under the
+    exclusive lock, so no live writer owns them."""
+    for p in sidecar_paths(target):
+        for stale in p.parent.glob(f".{p.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+
+
 def write_manifest(path: Path, manifest: dict) -> None:
     atomic_write_bytes(path, (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode())
 

@@ -12,7 +12,7 @@ from .lock import ModelLock
 from .nonweights import copy_other_files
 from .patch import check_output_dir, run_shards
 from .progress import Reporter, Silent
-from .sidecars import UndoEntry, check_undo, check_undo_recorded, read_manifest, read_undo, sidecar_paths
+from .sidecars import UndoEntry, check_undo, check_undo_recorded, read_manifest, read_undo, remove_stale_temps, sidecar_paths
 from .stream import Edits, file_edits, read_ranges, stream, tensor_ranges, write_in_place
 from .testpoint import pause
 
@@ -118,6 +118,7 @@ def _revert(target: Path, output: Path | None, lock: ModelLock, progress: Report
     manifest, undo, layout = _load(target)
     lock.add(_root(target) / rel for rel in layout)
     if output is None:
+        remove_stale_temps(target)
         refuse_hard_links(_root(target) / rel for rel, tensors in layout.items() if any(n in undo for n in tensors))
         _check_restorable(target, manifest, undo, layout, progress)
         return _revert_in_place(target, undo, layout)

@@ -497,3 +497,19 @@ def test_race_single_file_inside_directory_being_patched(sharded, tmp_path):
     assert a.go().returncode == 0
     assert cli("revert", target, "--in-place", "-q").returncode == 0
     assert tree(target) == before
+
+
+def test_stale_sidecar_temps_are_removed(pristine, tmp_path):
+    """issue 11 item 15: a kill between writing and renaming the undo log or manifest leaves .NAME.*.tmp; the next run removes them."""
+    target = pristine.copy(tmp_path)
+    before = tree(root_of(target))
+    manifest_path, undo_path = sidecar_paths(target)
+    stale = [p.with_name(f".{p.name}.k1ll3d.tmp") for p in (manifest_path, undo_path)]
+    for p in stale:
+        p.write_bytes(b"half")
+    patch(PatchConfig(target, in_place=True), pristine.sel)
+    assert not any(p.exists() for p in stale)
+    for p in stale:
+        p.write_bytes(b"half")
+    revert(target)
+    assert tree(root_of(target)) == before
