@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,27 +168,16 @@ class Checkpoint:
     def shard_of(self, path: Path) -> Shard:
         return next(s for s in self.shards if s.path == path)
 
-    def other_files(self) -> list[Path]:
-        """Files to copy verbatim next to patched shards (relative paths), for a directory model."""
-        return [] if self.is_file else other_files(self.path, {s.path.name for s in self.shards})
+
+def is_reserved(name: str) -> bool:
+    """spinctl's own names: spin-* at the top of a model, NAME.spin-undo/-manifest beside a lone file.
+
+    A weight file with such a name would be overwritten by (or mistaken for) an undo log or manifest.
+    """
+    return name.startswith("spin-") or ".spin-undo" in name or ".spin-manifest" in name
 
 
 WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack"}
-
-
-def other_files(root: Path, weight_names: set[str]) -> list[Path]:
-    """Every file under `root` except the weights and spin-* sidecars, as relative paths."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for fn in sorted(filenames):
-            rel = Path(dirpath, fn).relative_to(root)
-            if rel.parent == Path(".") and (fn in weight_names or fn.startswith("spin-")):
-                continue
-            if rel.suffix in WEIGHT_SUFFIXES or fn.startswith("."):
-                continue  # another copy of the weights would carry them unpatched
-            out.append(rel)
-    return out
 
 
 def fingerprint(tensors: dict[str, TensorEntry]) -> str:
@@ -231,6 +219,14 @@ def open_checkpoint(path: Path) -> Checkpoint:
     return Checkpoint(path, False, shards, index if index.is_file() else None, tensors)
 
 
+def weight_file_names(root: Path) -> list[str]:
+    """The weight files a directory declares: its index's shards, else every .safetensors but the spin-* ones."""
+    index = Path(root) / INDEX_NAME
+    if index.is_file():
+        return _index_files(index)
+    return sorted(p.name for p in Path(root).glob("*.safetensors") if p.is_file() and not is_reserved(p.name))
+
+
 def _index_files(index: Path) -> list[str]:
     try:
         data = untrusted.loads(index.read_text("utf-8"))
@@ -244,6 +240,8 @@ def _index_files(index: Path) -> list[str]:
         # Not resolved, so shards that are symlinks (Hugging Face cache snapshots) still open.
         if fn in ("", ".", "..") or "/" in fn or "\\" in fn or not fn.endswith(".safetensors"):
             raise InputError(f"{index}: entry {fn!r} escapes the model directory or is not a .safetensors file name")
+        if is_reserved(fn):
+            raise InputError(f"{index}: shard name {fn!r} is reserved for spinctl's undo log and manifest (spin-*); rename the shard")
     return sorted(set(weight_map.values()))
 
 

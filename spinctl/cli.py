@@ -24,6 +24,7 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.
 RetainOpt = Annotated[Optional[Path], typer.Option("--retain", help="Score file of the general-capability (retain) set.")]
 CoupleOpt = Annotated[Optional[list[Path]], typer.Option("--couple", help="Score file of a behaviour to decouple; repeat (reference mode: privacy, then fairness).")]
 POpt = Annotated[float, typer.Option("--p", help="Fraction of each tensor in the retain top set.")]
+WaitOpt = Annotated[bool, typer.Option("--wait", help="If another spinctl holds the model, wait for it instead of failing.")]
 QOpt = Annotated[float, typer.Option("--q", help="Fraction of each tensor in each coupled top set.")]
 
 
@@ -102,6 +103,7 @@ def patch(
     link: Annotated[bool, typer.Option("--link", help="Hard-link shards with nothing to zero instead of copying them.")] = False,
     no_hash: Annotated[bool, typer.Option("--no-hash", help="Skip sha256 of the files (kernel-side copy; verify then checks zeros only).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Allow writing in place through symlinks.")] = False,
+    wait: WaitOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
@@ -115,7 +117,7 @@ def patch(
         raise typer.BadParameter("give either an output directory OUT or --in-place")
     if in_place and link:
         raise typer.BadParameter("--link only applies to out-of-place patching")
-    cfg = PatchConfig(model, output, in_place, dry_run, link, no_hash, force)
+    cfg = PatchConfig(model, output, in_place, dry_run, link, no_hash, force, wait)
     if selection is not None:
         sel = read_selection(selection)
     else:
@@ -165,6 +167,7 @@ def revert(
     target: Annotated[Path, typer.Argument(help="Patched directory or .safetensors file.")],
     output: Annotated[Optional[Path], typer.Argument(help="New directory for the restored checkpoint.")] = None,
     in_place: Annotated[bool, typer.Option("--in-place", help="Restore TARGET itself and remove the spin-* files.")] = False,
+    wait: WaitOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
@@ -174,7 +177,7 @@ def revert(
     if in_place == (output is not None):
         raise typer.BadParameter("give either an output directory or --in-place")
     with _progress(json_out, quiet) as progress:
-        result = run_revert(target, output, progress)
+        result = run_revert(target, output, progress, wait=wait)
     emit(result, json_out, lambda r: _console().print(f"restored {r['restored']} weights in {r['files']} files -> {r['output']}"))
 
 

@@ -19,3 +19,7 @@ class UnsupportedError(SpinctlError):
 
 class UsageError(InputError):
     """An option's value is malformed or out of range: the CLI exits 2, like click's own usage errors."""
+
+
+class BusyError(SpinctlError):
+    """Another spinctl process holds the model's lock."""

@@ -12,6 +12,19 @@ from typing import Iterator
 from .errors import OutputError
 
 
+def _umask() -> int:
+    """The process umask (read without changing it where /proc allows; Linux >= 4.7)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
 def fsync_dir(path: Path) -> None:
     """Persist a rename: the directory entry must reach the disk too."""
     fd = os.open(path, os.O_RDONLY)
@@ -30,6 +43,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         why = "is a directory; give a file name" if path.is_dir() else f"directory {path.parent} does not exist"
         raise OutputError(f"{path}: {why}")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: outputs get the modes any new file would
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -59,7 +73,9 @@ def staged_dir(final: Path) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700: a serving account could not read OUT
         yield tmp
+        fsync_dir(tmp)  # its entries reach the disk before the rename makes OUT look complete
         if final.exists():
             final.rmdir()  # empty by contract; rmdir refuses anything else
         os.replace(tmp, final)
@@ -67,3 +83,13 @@ def staged_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def refuse_hard_links(paths) -> None:
+    """In-place writes go to the inode: through a second name they would change another model too (`--link` outputs)."""
+    for path in paths:
+        n = os.stat(path).st_nlink
+        if n > 1:
+            raise OutputError(f"{path}: has {n} hard links, so writing it in place would change the other names too "
+                              f"(another model, or a `patch --link` output); break the link first "
+                              f"(cp {path} {path}.copy && mv {path}.copy {path}), or patch out of place")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,12 +10,18 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .checkpoint import Checkpoint, Shard, open_checkpoint
+from .checkpoint import Checkpoint, Shard, is_reserved, open_checkpoint
 from .errors import InputError, OutputError, SpinctlError
 from .formats import SelectionFile
+from .fsutil import refuse_hard_links
+from .lock import ModelLock
+from .nonweights import copy_other_files
 from .progress import Reporter, Silent
-from .sidecars import MANIFEST, UNDO, UndoEntry, check_undo, read_undo, sidecar_paths, write_manifest, write_undo
+from .sidecars import (MANIFEST, UNDO, UndoEntry, check_undo, file_sha256, read_undo, refuse_stacked, remove_stale_temps,
+                       sidecar_paths,
+                       write_manifest, write_undo)
 from .stream import Edits, copy_then_pwrite, file_edits, read_ranges, stream, tensor_ranges, write_in_place
+from .testpoint import pause
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,7 @@ class PatchConfig:
     link: bool = False
     no_hash: bool = False
     force: bool = False
+    wait: bool = False  # block on another spinctl's lock instead of failing
 
     def __post_init__(self):
         if self.in_place == (self.output is not None):
@@ -75,7 +81,7 @@ def undo_entries(plans: list[ShardPlan]) -> dict[str, UndoEntry]:
     return out
 
 
-def manifest(cfg: PatchConfig, sel: SelectionFile, plans: list[ShardPlan], hashes: dict[str, tuple]) -> dict:
+def manifest(cfg: PatchConfig, sel: SelectionFile, plans: list[ShardPlan], hashes: dict[str, tuple], undo_sha256: str | None = None) -> dict:
     per_tensor = {n: int(len(a)) for p in plans for n, a in sorted(p.selected.items())}
     files = {}
     for p in plans:
@@ -89,6 +95,7 @@ def manifest(cfg: PatchConfig, sel: SelectionFile, plans: list[ShardPlan], hashe
         "parameters": {"selection": params, "in_place": cfg.in_place, "link": cfg.link, "no_hash": cfg.no_hash},
         "fingerprint": sel.meta["fingerprint"], "hashes": not cfg.no_hash,
         "files": files, "tensors": per_tensor,
+        **({"undo_sha256": undo_sha256} if undo_sha256 else {}),  # recorded even with --no-hash: the log is small
         "totals": {"zeroed": sum(per_tensor.values()), "tensors_touched": len(per_tensor),
                    "files_changed": sum(1 for p in plans if p.edits)},
     }
@@ -97,13 +104,19 @@ def manifest(cfg: PatchConfig, sel: SelectionFile, plans: list[ShardPlan], hashe
 def patch(cfg: PatchConfig, sel: SelectionFile, progress: Reporter | None = None) -> dict:
     """Apply a selection; returns the manifest (with `output` and `dry_run` added)."""
     progress = progress or Silent()
-    ck = open_checkpoint(cfg.model)
-    plans = plan(ck, sel)
-    if cfg.dry_run:
-        return manifest(cfg, sel, plans, {}) | {"output": None, "dry_run": True}
-    if cfg.in_place:
-        return _patch_in_place(cfg, ck, sel, plans, progress)
-    return _patch_out(cfg, ck, sel, plans, progress)
+    # in place: the only writer; out of place: one of any number of readers, never beside a writer
+    with ModelLock(cfg.model, exclusive=cfg.in_place and not cfg.dry_run, wait=cfg.wait) as lock:
+        ck = open_checkpoint(cfg.model)
+        lock.add(s.path for s in ck.shards)
+        if ck.is_file and is_reserved(ck.path.name):
+            raise InputError(f"{ck.path}: the name is reserved for spinctl's undo logs and manifests; rename the file")
+        refuse_stacked(ck.path, in_place=cfg.in_place)
+        plans = plan(ck, sel)
+        if cfg.dry_run:
+            return manifest(cfg, sel, plans, {}) | {"output": None, "dry_run": True}
+        if cfg.in_place:
+            return _patch_in_place(cfg, ck, sel, plans, progress)
+        return _patch_out(cfg, ck, sel, plans, progress)
 
 
 def check_output_dir(out: Path, model: Path) -> None:
@@ -113,12 +126,6 @@ def check_output_dir(out: Path, model: Path) -> None:
     src = model.resolve() if model.is_dir() else model.resolve().parent
     if out.resolve() == src or src in out.resolve().parents:
         raise OutputError(f"{out}: output must be outside the input model directory {src}")
-
-
-def copy_other_files(root: Path, rels: list[Path], dst: Path) -> None:
-    for rel in rels:
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(root / rel, dst / rel)  # follows symlinks: the copy owns its bytes
 
 
 def run_shards(jobs, work) -> list:
@@ -133,6 +140,8 @@ def _patch_out(cfg: PatchConfig, ck: Checkpoint, sel: SelectionFile, plans: list
     out = Path(cfg.output)
     check_output_dir(out, ck.path)
     undo = undo_entries(plans)
+    pause("patch-copying")
+
     def work(p: ShardPlan):
         src, dst = p.shard.path, tmp / p.rel
         advance = progress.task(f"patching {p.rel}", p.shard.size)
@@ -148,9 +157,10 @@ def _patch_out(cfg: PatchConfig, ck: Checkpoint, sel: SelectionFile, plans: list
 
     with staged_dir(out) as tmp:
         hashes = {rel: h for rel, h in run_shards(plans, work) if h}
-        copy_other_files(ck.root, ck.other_files(), tmp)
-        m = manifest(cfg, sel, plans, hashes)
-        write_undo(tmp / UNDO, undo, sel.meta["fingerprint"])
+        if not ck.is_file:
+            copy_other_files(ck.root, {s.path.name for s in ck.shards}, tmp)
+        undo_sha = write_undo(tmp / UNDO, undo, sel.meta["fingerprint"])
+        m = manifest(cfg, sel, plans, hashes, undo_sha)
         write_manifest(tmp / MANIFEST, m)
     return m | {"output": str(out), "dry_run": False}
 
@@ -165,19 +175,24 @@ def _try_link(src: Path, dst: Path) -> bool:
 
 def _patch_in_place(cfg: PatchConfig, ck: Checkpoint, sel: SelectionFile, plans: list[ShardPlan], progress: Reporter) -> dict:
     manifest_path, undo_path = sidecar_paths(ck.path)
+    remove_stale_temps(ck.path)
     if not cfg.force:
         links = [p.shard.path for p in plans if p.edits and p.shard.path.is_symlink()]
         if links:
             raise OutputError(f"{links[0]}: is a symlink (a Hugging Face cache blob?); writing would change every model sharing it. Copy the model, or pass --force")
+    refuse_hard_links(p.shard.path for p in plans if p.edits)  # --force or not: the other names are other models
     if undo_path.exists():
         undo = _resume_undo(undo_path, manifest_path, plans)
+        undo_sha = file_sha256(undo_path)
     else:
+        pause("patch-reading-originals")
         undo = undo_entries(plans)
-        write_undo(undo_path, undo, sel.meta["fingerprint"])  # the write-ahead log, fsynced before any range write
+        undo_sha = write_undo(undo_path, undo, sel.meta["fingerprint"])  # the write-ahead log, fsynced before any range write
+    pause("patch-undo-written")
     for p in plans:
         write_in_place(p.shard.path, p.edits)
     hashes = {} if cfg.no_hash else _hash_in_place(plans, undo, progress)
-    m = manifest(cfg, sel, plans, hashes)
+    m = manifest(cfg, sel, plans, hashes, undo_sha)
     write_manifest(manifest_path, m)  # written last: its presence marks a finished patch
     return m | {"output": str(ck.path), "dry_run": False}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -24,6 +25,39 @@ def sidecar_paths(target: Path) -> tuple[Path, Path]:
     if target.is_file():
         return target.with_name(f"{target.name}.{MANIFEST}"), target.with_name(f"{target.name}.{UNDO}")
     return target / MANIFEST, target / UNDO
+
+
+def is_sidecar(name: str) -> bool:
+    """An undo log or manifest of any target: spin-undo*/spin-manifest*, or NAME.spin-undo*/NAME.spin-manifest*."""
+    return not name.startswith(".") and ("spin-undo" in name or "spin-manifest" in name)
+
+
+def refuse_stacked(target: Path, in_place: bool) -> None:
+    """Undo logs never stack: a second patch over a patched model would log patched bytes as the originals.
+
+    A directory: any undo log or manifest at its top. A lone file: its own NAME.spin-*, or its
+    directory's spin-* (the file is a shard of a model patched as a directory). In place, the
+    target's own pair is left to the caller, which resumes an interrupted patch or refuses.
+    """
+    target = Path(target)
+    own = set(sidecar_paths(target)) if in_place else set()
+    if target.is_dir():
+        found = [p for p in sorted(target.iterdir()) if is_sidecar(p.name)]
+    else:
+        found = [p for p in (*sidecar_paths(target), *sidecar_paths(target.parent)) if p.exists()]
+    found = sorted((p for p in found if p not in own), key=lambda p: "spin-undo" not in p.name)  # name the log first
+    if found:
+        raise InputError(f"{found[0]}: {target} carries an undo log or manifest of an earlier patch; revert that patch "
+                         "first (spinctl revert --in-place), or patch the original: a second patch on top would lose the "
+                         "original bytes")
+
+
+def remove_stale_temps(target: Path) -> None:
+    """A process killed between writing and renaming its undo log or manifest leaves `.NAME.*.tmp`: called under the
+    exclusive lock, so no live writer owns them."""
+    for p in sidecar_paths(target):
+        for stale in p.parent.glob(f".{p.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
 
 
 def write_manifest(path: Path, manifest: dict) -> None:
@@ -70,8 +104,36 @@ def encode_undo(entries: dict[str, UndoEntry], fingerprint: str) -> bytes:
     return len(raw).to_bytes(8, "little") + raw + b"".join(blobs)
 
 
-def write_undo(path: Path, entries: dict[str, UndoEntry], fingerprint: str) -> None:
-    atomic_write_bytes(path, encode_undo(entries, fingerprint))
+def write_undo(path: Path, entries: dict[str, UndoEntry], fingerprint: str) -> str:
+    """Write the log; returns its sha256, which the manifest records so a changed log is caught before a revert."""
+    data = encode_undo(entries, fingerprint)
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_undo_recorded(undo_path: Path, undo: dict[str, UndoEntry], manifest: dict) -> None:
+    """The undo log is the one the manifest recorded: same sha256, same tensors with the same counts.
+
+    Older manifests lack `undo_sha256`; the per-tensor counts are checked whatever the version.
+    """
+    want = manifest.get("undo_sha256")
+    if want is not None and file_sha256(undo_path) != want:
+        raise InputError(f"{undo_path}: sha256 differs from the one recorded in the manifest; the undo log was changed "
+                         "or is corrupt, and restoring from it would not give the original bytes")
+    counts = manifest.get("tensors")
+    if isinstance(counts, dict) and counts != {n: len(e.indices) for n, e in undo.items()}:
+        extra = sorted(set(undo) - set(counts)) or sorted(n for n in counts if n in undo and counts[n] != len(undo[n].indices))
+        missing = sorted(set(counts) - set(undo))
+        what = f"tensor {missing[0]} is missing from it" if missing else f"tensor {extra[0]} is not as the manifest recorded"
+        raise InputError(f"{undo_path}: {what}; the undo log was changed or is corrupt")
 
 
 def read_undo(path: Path) -> tuple[str, dict[str, UndoEntry]]:

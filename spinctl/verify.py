@@ -5,12 +5,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .checkpoint import TensorEntry, other_files, read_shard
+from .checkpoint import TensorEntry, read_shard, weight_file_names
 from .errors import InputError, OutputError
-from .patch import check_output_dir, copy_other_files, run_shards
+from .fsutil import refuse_hard_links
+from .lock import ModelLock
+from .nonweights import copy_other_files
+from .patch import check_output_dir, run_shards
 from .progress import Reporter, Silent
-from .sidecars import UndoEntry, check_undo, read_manifest, read_undo, sidecar_paths
+from .sidecars import UndoEntry, check_undo, check_undo_recorded, read_manifest, read_undo, remove_stale_temps, sidecar_paths
 from .stream import Edits, file_edits, read_ranges, stream, tensor_ranges, write_in_place
+from .testpoint import pause
 
 
 def _root(target: Path) -> Path:
@@ -36,15 +40,31 @@ def _load(target: Path) -> tuple[dict | None, dict[str, UndoEntry], dict[str, di
         raise InputError(f"{undo_path}: no undo log; {target} was not patched by spinctl, or was already reverted")
     _, undo = read_undo(undo_path)
     files = list(manifest["files"]) if manifest else [target.name] if target.is_file() else None
-    if files is None:  # an interrupted patch of a directory: find the shards the undo log names
-        files = sorted({p.name for p in target.glob("*.safetensors") if p.name != undo_path.name})
+    if manifest is not None:
+        _check_file_list(target, manifest_path, files)
+    if files is None:  # an interrupted patch of a directory: its own weight files
+        files = weight_file_names(target)
     layout = {}
     for rel in files:
         if "/" in rel or rel in ("", ".", ".."):
             raise InputError(f"{manifest_path}: file entry {rel!r} escapes the directory")
         layout[rel] = read_shard(_root(target) / rel).tensors
     check_undo(undo_path, undo, {n: t for tensors in layout.values() for n, t in tensors.items()})
+    if manifest is not None:
+        check_undo_recorded(undo_path, undo, manifest)
     return manifest, undo, layout
+
+
+def _check_file_list(target: Path, manifest_path: Path, files: list[str]) -> None:
+    """The manifest's files are the checkpoint's own (its index, or its .safetensors): a shard left out would go unchecked."""
+    own = [target.name] if target.is_file() else weight_file_names(target)
+    missing, extra = sorted(set(own) - set(files)), sorted(set(files) - set(own))
+    if missing:
+        raise InputError(f"{manifest_path}: weight file {missing[0]} of the checkpoint is not in the manifest; "
+                         "the manifest is incomplete or belongs to another checkpoint")
+    if extra:
+        raise InputError(f"{manifest_path}: lists {extra[0]}, which is not a weight file of {target}; "
+                         "the manifest is corrupt or belongs to another checkpoint")
 
 
 def _edits(tensors: dict[str, TensorEntry], undo: dict[str, UndoEntry], restore: bool) -> Edits:
@@ -56,7 +76,13 @@ def verify(target: Path, progress: Reporter | None = None) -> dict:
     """ok only if every manifest hash matches and every selected element reads zero."""
     progress = progress or Silent()
     target = _locate(target)
+    with ModelLock(target, exclusive=False) as lock:
+        return _verify(target, lock, progress)
+
+
+def _verify(target: Path, lock: ModelLock, progress: Reporter) -> dict:
     manifest, undo, layout = _load(target)
+    lock.add(_root(target) / rel for rel in layout)
     if manifest is None:
         raise InputError(f"{sidecar_paths(target)[0]}: no manifest; the patch was interrupted: rerun it, or revert")
     nonzero = []
@@ -80,12 +106,21 @@ def verify(target: Path, progress: Reporter | None = None) -> dict:
     }
 
 
-def revert(target: Path, output: Path | None = None, progress: Reporter | None = None) -> dict:
+def revert(target: Path, output: Path | None = None, progress: Reporter | None = None, wait: bool = False) -> dict:
     """Restore the original bytes: into `output` (a new directory), or in place when output is None."""
     progress = progress or Silent()
     target = _locate(target)
+    with ModelLock(target, exclusive=output is None, wait=wait) as lock:
+        return _revert(target, output, lock, progress)
+
+
+def _revert(target: Path, output: Path | None, lock: ModelLock, progress: Reporter) -> dict:
     manifest, undo, layout = _load(target)
+    lock.add(_root(target) / rel for rel in layout)
     if output is None:
+        remove_stale_temps(target)
+        refuse_hard_links(_root(target) / rel for rel, tensors in layout.items() if any(n in undo for n in tensors))
+        _check_restorable(target, manifest, undo, layout, progress)
         return _revert_in_place(target, undo, layout)
     output = Path(output)
     check_output_dir(output, target)
@@ -101,13 +136,35 @@ def revert(target: Path, output: Path | None = None, progress: Reporter | None =
             if expected and digest != expected:
                 raise OutputError(f"{_root(target) / rel}: restored bytes do not match the original sha256; the patched file was changed after patching")
         if target.is_dir():
-            copy_other_files(target, other_files(target, set(layout)), tmp)
+            copy_other_files(target, set(layout), tmp)
     return {"output": str(output), "files": len(layout), "restored": sum(len(u.indices) for u in undo.values()), "in_place": False}
+
+
+def _check_restorable(target: Path, manifest: dict | None, undo: dict[str, UndoEntry], layout: dict, progress: Reporter) -> None:
+    """Before any byte is written: each file, with the undo values applied, hashes to its recorded input sha256.
+
+    Reads every file the patch changed (or the log now touches), so a revert in place costs a read of
+    those files; without recorded input hashes (--no-hash, or an interrupted patch) the undo log's
+    own sha256 and tensor counts (checked in _load) are all there is.
+    """
+    root, files = _root(target), (manifest or {}).get("files", {})
+    todo = [rel for rel in layout if files.get(rel, {}).get("input_sha256")
+            and (files[rel]["input_sha256"] != files[rel].get("output_sha256") or any(n in undo for n in layout[rel]))]
+
+    def work(rel):
+        advance = progress.task(f"checking {rel}", os.path.getsize(root / rel))
+        return rel, stream(root / rel, _edits(layout[rel], undo, True), None, hash_before=False, advance=advance)[1]
+
+    for rel, digest in run_shards(todo, work) if todo else []:
+        if digest != files[rel]["input_sha256"]:
+            raise InputError(f"{sidecar_paths(target)[1]}: restoring {root / rel} from it would not give the original bytes "
+                             "(sha256 differs from the manifest's input_sha256); nothing was restored")
 
 
 def _revert_in_place(target: Path, undo: dict[str, UndoEntry], layout: dict) -> dict:
     """Idempotent range writes, fsynced, then the sidecars go (undo log last): a crash is fixed by rerunning."""
     root = _root(target)
+    pause("revert-restoring")
     for rel, tensors in layout.items():
         write_in_place(root / rel, _edits(tensors, undo, True))
     manifest_path, undo_path = sidecar_paths(target)

@@ -50,9 +50,11 @@ def tree(root: Path) -> dict[str, tuple]:
             p = Path(dirpath, name)
             rel = str(p.relative_to(root))
             if p.is_symlink():
-                out[rel] = ("link", os.readlink(p), _sha(p) if p.is_file() else None)
+                out[rel] = ("link", os.readlink(p), _sha(p) if p.is_file() and not str(p.resolve()).startswith("/dev/") else None)
             elif p.is_dir():
                 out[rel] = ("dir",)
+            elif not p.is_file():  # a FIFO: opening it to hash would block
+                out[rel] = ("special",)
             else:
                 out[rel] = ("file", _sha(p))
     return out
@@ -669,6 +671,232 @@ def undo_indices_unsorted(w, tmp):
 @case
 def undo_wrong_dtype(w, tmp):
     return _corrupt_undo(w, tmp, lambda e: UndoEntry("F32", e.indices, e.values * 2))
+
+
+def _in_place_spoiled(w, tmp, spoil, no_hash=False, fix_manifest=False) -> tuple[Path, Path]:
+    """A model patched in place whose undo log is then spoiled (issue 11: revert trusted it and lost the originals)."""
+    m = w.model(tmp)
+    patch(PatchConfig(m, in_place=True, no_hash=no_hash), read_selection(w.files["sel"]))
+    undo_path = m / "spin-undo.safetensors"
+    spoil(undo_path)
+    if fix_manifest:  # the manifest's record of the log updated too: only the restored bytes' hash is left to catch it
+        mp = m / "spin-manifest.json"
+        man = json.loads(mp.read_text())
+        man["undo_sha256"] = _sha(undo_path)
+        mp.write_text(json.dumps(man))
+    return m, undo_path
+
+
+def _flip_last_byte(undo_path: Path) -> None:
+    data = bytearray(undo_path.read_bytes())
+    data[-1] ^= 0x40  # the last original value of the last tensor
+    undo_path.write_bytes(bytes(data))
+
+
+def _drop_entry(undo_path: Path) -> None:
+    fp, undo = read_undo(undo_path)
+    del undo[sorted(undo)[0]]
+    undo_path.write_bytes(encode_undo(undo, fp))
+
+
+def _add_entry(undo_path: Path) -> None:
+    fp, undo = read_undo(undo_path)
+    ck = open_checkpoint(undo_path.parent)
+    name = next(n for n, t in sorted(ck.tensors.items()) if n not in undo and t.dtype == "BF16" and t.numel > 8)
+    undo[name] = UndoEntry("BF16", np.arange(4, dtype=np.int64), b"\x55" * 8)
+    undo_path.write_bytes(encode_undo(undo, fp))
+
+
+SPOILS = {"flip": _flip_last_byte, "drop": _drop_entry, "add": _add_entry}
+
+
+def _spoiled_revert(how: str, **kw):
+    def build(w, tmp):
+        m, undo_path = _in_place_spoiled(w, tmp, SPOILS[how], **kw)
+        return ["revert", m, "--in-place"], [undo_path]
+    build.__name__ = f"revert_in_place_undo_{how}" + ("_no_hash" if kw.get("no_hash") else "") + ("_manifest_too" if kw.get("fix_manifest") else "")
+    return case(build)
+
+
+def _spoiled_verify(how: str, **kw):
+    def build(w, tmp):
+        m, undo_path = _in_place_spoiled(w, tmp, SPOILS[how], **kw)
+        return ["verify", m], [undo_path.name]
+    build.__name__ = f"verify_undo_{how}" + ("_no_hash" if kw.get("no_hash") else "")
+    return case(build)
+
+
+for _how in SPOILS:
+    _spoiled_revert(_how)
+    _spoiled_revert(_how, no_hash=True)
+    _spoiled_revert(_how, fix_manifest=True)
+    _spoiled_verify(_how)
+    _spoiled_verify(_how, no_hash=True)
+
+
+def _manifest_without_unchanged_shard(w, tmp) -> tuple[Path, str]:
+    """issue 11 item 4: a shard dropped from the manifest, then changed: nothing looked at it."""
+    d = _patched(w, tmp)
+    mp = d / "spin-manifest.json"
+    m = json.loads(mp.read_text())
+    victim = next(f for f, e in m["files"].items() if not e["changed"])
+    del m["files"][victim]
+    mp.write_text(json.dumps(m))
+    data = bytearray((d / victim).read_bytes())
+    data[-1] ^= 0xFF
+    (d / victim).write_bytes(bytes(data))
+    return d, victim
+
+
+@case
+def verify_manifest_missing_shard(w, tmp):
+    d, victim = _manifest_without_unchanged_shard(w, tmp)
+    return ["verify", d], [victim]
+
+
+@case
+def revert_manifest_missing_shard(w, tmp):
+    d, victim = _manifest_without_unchanged_shard(w, tmp)
+    return ["revert", d, tmp / "restored"], [victim]
+
+
+@case
+def revert_in_place_manifest_missing_shard(w, tmp):
+    d, victim = _manifest_without_unchanged_shard(w, tmp)
+    return ["revert", d, "--in-place"], [victim]
+
+
+# issue 11 item 5: undo logs never stack
+
+
+@case
+def in_place_file_inside_dir_patched_in_place(w, tmp):
+    f = w.single(tmp)
+    patch(PatchConfig(f.parent, in_place=True), read_selection(w.files["sel_f32"]))
+    return ["patch", f, "--in-place", "-s", w.file(tmp, "sel_f32")], [f.parent / "spin-undo.safetensors"]
+
+
+@case
+def in_place_dir_holding_file_patched_in_place(w, tmp):
+    f = w.single(tmp)
+    patch(PatchConfig(f, in_place=True), read_selection(w.files["sel_f32"]))
+    return ["patch", f.parent, "--in-place", "-s", w.file(tmp, "sel_f32")], [f"{f.name}.spin-undo.safetensors"]
+
+
+@case
+def out_of_place_of_unfinished_in_place(w, tmp):
+    m = w.model(tmp)
+    patch(PatchConfig(m, in_place=True), read_selection(w.files["sel"]))
+    (m / "spin-manifest.json").unlink()  # as if the in-place patch died before its manifest
+    return w.patch_argv(tmp, m), [m / "spin-undo.safetensors"]
+
+
+@case
+def out_of_place_of_patched_in_place(w, tmp):
+    m = w.model(tmp)
+    patch(PatchConfig(m, in_place=True), read_selection(w.files["sel"]))
+    return w.patch_argv(tmp, m), [m / "spin-undo.safetensors"]
+
+
+@case
+def out_of_place_of_single_file_patched_in_place(w, tmp):
+    f = w.single(tmp)
+    patch(PatchConfig(f, in_place=True), read_selection(w.files["sel_f32"]))
+    return ["patch", f, tmp / "out", "-s", w.file(tmp, "sel_f32")], [f"{f.name}.spin-undo.safetensors"]
+
+
+# issue 11 item 9: spinctl's own file names are reserved
+
+
+def _reserved_shard(w, tmp, reserved: str, *extra):
+    m = w.model(tmp)
+    index = m / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    old = sorted(set(data["weight_map"].values()))[-1]
+    (m / old).rename(m / reserved)
+    data["weight_map"] = {k: (reserved if v == old else v) for k, v in data["weight_map"].items()}
+    index.write_text(json.dumps(data))
+    return m
+
+
+@case
+def index_names_undo_log_out_of_place(w, tmp):
+    m = _reserved_shard(w, tmp, "spin-undo.safetensors")
+    return w.patch_argv(tmp, m), ["spin-undo.safetensors"]
+
+
+@case
+def index_names_undo_log_in_place(w, tmp):
+    m = _reserved_shard(w, tmp, "spin-undo.safetensors")
+    return ["patch", m, "--in-place", "-s", w.file(tmp, "sel")], ["spin-undo.safetensors"]
+
+
+@case
+def index_names_spin_prefixed_shard(w, tmp):
+    m = _reserved_shard(w, tmp, "spin-weights.safetensors")
+    return w.patch_argv(tmp, m), ["spin-weights.safetensors"]
+
+
+@case
+def index_names_file_undo_log(w, tmp):
+    m = _reserved_shard(w, tmp, "model-00001.safetensors.spin-undo.safetensors")
+    return w.patch_argv(tmp, m), ["model-00001.safetensors.spin-undo.safetensors"]
+
+
+@case
+def single_file_named_as_undo_log(w, tmp):
+    f = w.single(tmp)
+    g = f.rename(f.parent / "spin-undo.safetensors")
+    return ["patch", g, tmp / "out", "-s", w.file(tmp, "sel_f32")], [g]
+
+
+# issue 11 item 8: only regular files, and links that stay inside the model, are copied into OUT
+
+
+@case
+def other_file_links_to_dev_zero(w, tmp):
+    m = w.model(tmp)
+    (m / "tokenizer.model").symlink_to("/dev/zero")
+    return w.patch_argv(tmp, m), [m / "tokenizer.model"]
+
+
+@case
+def other_file_links_outside(w, tmp):
+    m = w.model(tmp)
+    (tmp / "secret.txt").write_text("not for OUT")
+    (m / "notes.txt").symlink_to(tmp / "secret.txt")
+    return w.patch_argv(tmp, m), [m / "notes.txt"]
+
+
+@case
+def other_file_is_fifo(w, tmp):
+    m = w.model(tmp)
+    os.mkfifo(m / "pipe")
+    return w.patch_argv(tmp, m), [m / "pipe"]
+
+
+@case
+def other_file_dangling_link(w, tmp):
+    m = w.model(tmp)
+    (m / "gone.json").symlink_to(m / "nothing-here.json")
+    return w.patch_argv(tmp, m), [m / "gone.json"]
+
+
+@case
+def other_subdir_links_outside(w, tmp):
+    m = w.model(tmp)
+    (tmp / "elsewhere").mkdir()
+    (tmp / "elsewhere" / "private.txt").write_text("not for OUT")
+    (m / "extra").symlink_to(tmp / "elsewhere")
+    return w.patch_argv(tmp, m), [m / "extra"]
+
+
+@case
+def revert_other_file_links_outside(w, tmp):
+    d = _patched(w, tmp)
+    (tmp / "secret.txt").write_text("not for OUT")
+    (d / "notes.txt").symlink_to(tmp / "secret.txt")
+    return ["revert", d, tmp / "restored"], [d / "notes.txt"]
 
 
 @case

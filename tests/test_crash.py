@@ -12,6 +12,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -357,3 +358,158 @@ def test_killed_out_of_place_patch_leaves_no_output(sharded, tmp_path):
     for name in weight_names(pr):
         assert (out / name).read_bytes() == (pr.ref / name).read_bytes(), name
     assert cli("verify", out).returncode == 0
+
+
+# ---- two processes racing: the interleaving forced with SPINCTL_TEST_PAUSE ------------------
+
+
+class Paused:
+    """A spinctl CLI process stopped at a named step (spinctl.testpoint) until `go()`."""
+
+    def __init__(self, step: str, gate: Path, *args):
+        gate.mkdir(exist_ok=True)
+        self.step, self.gate = step, gate
+        env = {k: v for k, v in os.environ.items() if k != "SPINCTL_DEBUG"} | {"SPINCTL_TEST_PAUSE": f"{step}:{gate}"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "spinctl", *map(str, args)], env=env, text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while not (gate / f"{step}.reached").exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                out, err = self.proc.communicate(timeout=60)
+                raise AssertionError(f"never reached {step} (rc {self.proc.returncode}): {out}{err}")
+            time.sleep(0.01)
+
+    def go(self) -> subprocess.CompletedProcess:
+        (self.gate / f"{self.step}.go").write_text("")
+        out, err = self.proc.communicate(timeout=120)
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, out, err)
+
+
+def background(*args) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "SPINCTL_DEBUG"}
+    return subprocess.Popen([sys.executable, "-m", "spinctl", *map(str, args)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def assert_locked_out(r: subprocess.CompletedProcess, target: Path) -> None:
+    """Refused at once, in one line that names the model and says another spinctl holds it."""
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    assert str(target) in r.stderr and "another spinctl" in r.stderr, r.stderr
+
+
+def assert_still_waiting(p: subprocess.Popen, seconds: float = 1.5) -> None:
+    try:
+        out, err = p.communicate(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        return
+    raise AssertionError(f"--wait did not wait (rc {p.returncode}): {out}{err}")
+
+
+def test_race_second_in_place_patch_is_refused(pristine, tmp_path):
+    """The lost-bytes race: B checked there is no undo log, A patches meanwhile, B would log A's zeros."""
+    target = pristine.copy(tmp_path)
+    before = tree(root_of(target))
+    b = Paused("patch-reading-originals", tmp_path / "gate", "patch", target, "--in-place", "-s", pristine.sel_path, "-q")
+    assert_locked_out(cli("patch", target, "--in-place", "-s", pristine.sel_path, "-q"), target)
+    r = b.go()
+    assert r.returncode == 0, r.stderr
+    assert_equals_out_of_place(pristine, target)
+    assert cli("revert", target, "--in-place", "-q").returncode == 0
+    assert tree(root_of(target)) == before
+
+
+def test_race_second_in_place_patch_waits(sharded, tmp_path):
+    """--wait blocks until the first patch is done, then meets a patched model and is refused as usual."""
+    target = sharded.copy(tmp_path)
+    before = tree(target)
+    a = Paused("patch-undo-written", tmp_path / "gate", "patch", target, "--in-place", "-s", sharded.sel_path, "-q")
+    b = background("patch", target, "--in-place", "-s", sharded.sel_path, "-q", "--wait")
+    assert_still_waiting(b)
+    assert a.go().returncode == 0
+    out, err = b.communicate(timeout=120)
+    assert b.returncode == 1 and "already patched" in err, err
+    assert_equals_out_of_place(sharded, target)
+    assert cli("revert", target, "--in-place", "-q").returncode == 0
+    assert tree(target) == before
+
+
+def test_race_revert_during_patch_is_refused(pristine, tmp_path):
+    """Without a lock the revert deleted the undo log while the patch went on zeroing: the originals were gone."""
+    target = pristine.copy(tmp_path)
+    before = tree(root_of(target))
+    a = Paused("patch-undo-written", tmp_path / "gate", "patch", target, "--in-place", "-s", pristine.sel_path, "-q")
+    assert_locked_out(cli("revert", target, "--in-place", "-q"), target)
+    assert a.go().returncode == 0
+    assert_equals_out_of_place(pristine, target)
+    assert cli("revert", target, "--in-place", "-q").returncode == 0
+    assert tree(root_of(target)) == before
+
+
+def test_race_revert_waits_for_patch(sharded, tmp_path):
+    target = sharded.copy(tmp_path)
+    before = tree(target)
+    a = Paused("patch-undo-written", tmp_path / "gate", "patch", target, "--in-place", "-s", sharded.sel_path, "-q")
+    b = background("revert", target, "--in-place", "-q", "--wait")
+    assert_still_waiting(b)
+    assert a.go().returncode == 0
+    out, err = b.communicate(timeout=120)
+    assert b.returncode == 0, err
+    assert tree(target) == before
+
+
+def test_race_patch_during_revert_is_refused(sharded, tmp_path):
+    target = sharded.copy(tmp_path)
+    before = tree(target)
+    assert cli("patch", target, "--in-place", "-s", sharded.sel_path, "-q").returncode == 0
+    a = Paused("revert-restoring", tmp_path / "gate", "revert", target, "--in-place", "-q")
+    assert_locked_out(cli("patch", target, "--in-place", "-s", sharded.sel_path, "-q"), target)
+    assert a.go().returncode == 0
+    assert tree(target) == before
+
+
+def test_race_reader_and_in_place_writer_exclude_each_other(sharded, tmp_path):
+    """An out-of-place patch reads its input under a shared lock: no copy of half-zeroed shards, no zeroing under a copy."""
+    target = sharded.copy(tmp_path)
+    before = tree(target)
+    a = Paused("patch-undo-written", tmp_path / "gate", "patch", target, "--in-place", "-s", sharded.sel_path, "-q")
+    assert_locked_out(cli("patch", target, tmp_path / "out", "-s", sharded.sel_path, "-q"), target)
+    assert not (tmp_path / "out").exists()
+    assert a.go().returncode == 0
+    assert cli("revert", target, "--in-place", "-q").returncode == 0
+    assert tree(target) == before
+
+    b = Paused("patch-copying", tmp_path / "gate2", "patch", target, tmp_path / "out", "-s", sharded.sel_path, "-q")
+    assert_locked_out(cli("patch", target, "--in-place", "-s", sharded.sel_path, "-q"), target)
+    assert b.go().returncode == 0
+    assert tree(target) == before
+    for name in weight_names(sharded):
+        assert (tmp_path / "out" / name).read_bytes() == (sharded.ref / name).read_bytes(), name
+
+
+def test_race_single_file_inside_directory_being_patched(sharded, tmp_path):
+    """A shard reverted as a lone file while its directory is patched in place."""
+    target = sharded.copy(tmp_path)
+    before = tree(target)
+    shard = next(p.shard.path for p in plan(open_checkpoint(target), sharded.sel) if p.edits)
+    a = Paused("patch-undo-written", tmp_path / "gate", "patch", target, "--in-place", "-s", sharded.sel_path, "-q")
+    assert_locked_out(cli("revert", shard, "--in-place", "-q"), target)  # the shard's revert is its directory's
+    assert a.go().returncode == 0
+    assert cli("revert", target, "--in-place", "-q").returncode == 0
+    assert tree(target) == before
+
+
+def test_stale_sidecar_temps_are_removed(pristine, tmp_path):
+    """issue 11 item 15: a kill between writing and renaming the undo log or manifest leaves .NAME.*.tmp; the next run removes them."""
+    target = pristine.copy(tmp_path)
+    before = tree(root_of(target))
+    manifest_path, undo_path = sidecar_paths(target)
+    stale = [p.with_name(f".{p.name}.k1ll3d.tmp") for p in (manifest_path, undo_path)]
+    for p in stale:
+        p.write_bytes(b"half")
+    patch(PatchConfig(target, in_place=True), pristine.sel)
+    assert not any(p.exists() for p in stale)
+    for p in stale:
+        p.write_bytes(b"half")
+    revert(target)
+    assert tree(root_of(target)) == before

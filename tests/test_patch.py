@@ -184,3 +184,93 @@ def test_deterministic_outputs(tiny_model, tmp_path):
     patch(PatchConfig(src, tmp_path / "o2"), read_selection(sel))
     for f in (tmp_path / "o1").iterdir():
         assert filecmp.cmp(f, tmp_path / "o2" / f.name, shallow=False), f.name
+
+
+def attn_selection(model: Path, tmp: Path) -> Path:
+    """A selection on the attention weights: with --link, their shards were shared with the input."""
+    from spinctl.checkpoint import open_checkpoint
+
+    names = sorted(n for n in open_checkpoint(model).tensors if "self_attn" in n and n.endswith("proj.weight"))
+    r = fake_scores(model, tmp / "ar.safetensors", 7, keep=0.05, names=names)
+    c = fake_scores(model, tmp / "ac.safetensors", 8, keep=0.05, names=names)
+    select_to_file(SelectConfig(r, (c,), 0.01, 0.04), tmp / "asel.safetensors")
+    return tmp / "asel.safetensors"
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_in_place_refuses_hard_links(tiny_model, tmp_path):
+    """issue 11 item 3: `patch m out --link` then an in-place write to either must not change the other."""
+    import shutil
+
+    src = tiny_model("llama", "bfloat16", "40KB")
+    m, out = Path(shutil.copytree(src, tmp_path / "m")), tmp_path / "out"
+    spinctl("patch", m, out, "--selection", make_selection(src, tmp_path), "--link", "-q")
+    spinctl("revert", out, "--in-place", "-q")  # out is the original again, its untouched shards still m's inodes
+    asel = attn_selection(src, tmp_path)
+    touched = {f for f, e in json.loads(spinctl("patch", m, "--in-place", "-s", asel, "--dry-run", "--json").stdout)["files"].items() if e["changed"]}
+    assert any(os.stat(out / f).st_nlink > 1 for f in touched)
+    before_m, before_out = snapshot(m), snapshot(out)
+    for target in (out, m):
+        r = spinctl("patch", target, "--in-place", "-s", asel, check=False)
+        assert r.returncode == 1 and "hard link" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert str(target) in r.stderr and " && mv " in r.stderr, r.stderr
+    assert snapshot(m) == before_m and snapshot(out) == before_out
+
+
+def test_revert_in_place_refuses_hard_links(tiny_model, tmp_path):
+    import shutil
+
+    src = tiny_model("llama", "bfloat16", "40KB")
+    m = Path(shutil.copytree(src, tmp_path / "m"))
+    spinctl("patch", m, "--in-place", "-s", make_selection(src, tmp_path), "-q")
+    twin = tmp_path / "twin"  # `cp -al m twin`: every file a second name of m's
+    twin.mkdir()
+    for f in m.iterdir():
+        os.link(f, twin / f.name)
+    before = snapshot(m)
+    r = spinctl("revert", twin, "--in-place", check=False)
+    assert r.returncode == 1 and "hard link" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert snapshot(m) == before and snapshot(twin) == before
+
+
+def test_links_inside_the_model_are_copied_as_files(tiny_model, tmp_path):
+    """issue 11 item 8: a symlinked file or subdirectory inside the model, or into a Hugging Face blob store, is copied."""
+    import shutil
+
+    src = tiny_model("llama", "float32")
+    repo = tmp_path / "models--org--tiny"
+    snap = repo / "snapshots" / "abc123"
+    shutil.copytree(src, snap)
+    (repo / "blobs").mkdir()
+    shutil.move(snap / "config.json", repo / "blobs" / "c0ffee")
+    (snap / "config.json").symlink_to("../../blobs/c0ffee")  # how the HF cache lays out a snapshot
+    (snap / "templates").mkdir()
+    (snap / "templates" / "chat.jinja").write_text("{{ messages }}")
+    (snap / "templates_alias").symlink_to("templates")
+    (snap / "tokenizer_alias.json").symlink_to("tokenizer.json")
+    out = tmp_path / "out"
+    spinctl("patch", snap, out, "--selection", make_selection(src, tmp_path), "-q")
+    for rel in ("config.json", "tokenizer_alias.json", "templates/chat.jinja", "templates_alias/chat.jinja"):
+        assert (out / rel).is_file() and not (out / rel).is_symlink(), rel
+    assert (out / "config.json").read_bytes() == (src / "config.json").read_bytes()
+    assert (out / "templates_alias" / "chat.jinja").read_text() == "{{ messages }}"
+
+
+def test_outputs_honour_umask(tiny_model, tmp_path):
+    """issue 11 item 13: under umask 022 OUT is drwxr-xr-x and its files -rw-r--r--, undo log and manifest included."""
+    import stat
+
+    src = tiny_model("llama", "float32")
+    sel = make_selection(src, tmp_path)
+    old = os.umask(0o022)
+    try:
+        patch(PatchConfig(src, tmp_path / "out"), read_selection(sel))
+    finally:
+        os.umask(old)
+    out = tmp_path / "out"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    for f in out.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f.name
