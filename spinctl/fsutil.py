@@ -34,6 +34,23 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _named(e: BaseException, final: Path, tmp: Path) -> BaseException:
+    """An OSError of the output (disk full, read-only, quota) named after the output the user gave.
+
+    A temporary name never survives the failure, so showing it would send the user looking
+    for a file that is not there. Errors naming any other file (an input) pass unchanged.
+    """
+    if isinstance(e, OSError) and not isinstance(e, OutputError):
+        name = getattr(e, "filename", None)
+        if name is None or str(name).startswith(str(tmp)):
+            return OutputError(f"cannot write {final}: {e.strerror or e}")
+    return e
+
+
+def _temp_failed(final: Path, e: OSError) -> OutputError:
+    return OutputError(f"cannot create {final}: {e.strerror or e} (in {final.parent})")
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; it becomes `path` only if the block succeeds."""
@@ -42,7 +59,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
         # else the OSError would name the temporary file, which no longer exists when it is shown
         why = "is a directory; give a file name" if path.is_dir() else f"directory {path.parent} does not exist"
         raise OutputError(f"{path}: {why}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _temp_failed(path, e) from None
     os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: outputs get the modes any new file would
     os.close(fd)
     tmp_path = Path(tmp)
@@ -52,9 +72,12 @@ def atomic_path(path: Path) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
         fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         tmp_path.unlink(missing_ok=True)
-        raise
+        named = _named(e, path, tmp_path)
+        if named is e:
+            raise
+        raise named from None
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -71,7 +94,10 @@ def staged_dir(final: Path) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    except OSError as e:
+        raise _temp_failed(final, e) from None
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700: a serving account could not read OUT
         yield tmp
@@ -80,9 +106,12 @@ def staged_dir(final: Path) -> Iterator[Path]:
             final.rmdir()  # empty by contract; rmdir refuses anything else
         os.replace(tmp, final)
         fsync_dir(final.parent)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        named = _named(e, final, tmp)
+        if named is e:
+            raise
+        raise named from None
 
 
 def refuse_hard_links(paths) -> None:

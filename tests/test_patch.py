@@ -274,3 +274,73 @@ def test_outputs_honour_umask(tiny_model, tmp_path):
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
     for f in out.iterdir():
         assert stat.S_IMODE(f.stat().st_mode) == 0o644, f.name
+
+
+def test_disk_full_names_the_output(tiny_model, tmp_path, monkeypatch):
+    """issue 11 item 14: ENOSPC while writing OUT names OUT (not a temporary that is gone), and leaves nothing."""
+    import errno
+
+    from spinctl import stream
+    from spinctl.errors import OutputError
+    from spinctl.formats import write_selection
+
+    src = tiny_model("llama", "float32")
+    sel = read_selection(make_selection(src, tmp_path))
+
+    def full(f, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(stream, "_write_full", full)
+    with pytest.raises(OutputError, match=rf"cannot write {tmp_path / 'out'}: No space left on device"):
+        patch(PatchConfig(src, tmp_path / "out"), sel)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")] and not (tmp_path / "out").exists()
+
+    monkeypatch.setattr(Path, "write_bytes", lambda self, data: full(None, data))
+    with pytest.raises(OutputError, match=rf"cannot write {tmp_path / 's.safetensors'}: No space left"):
+        write_selection(tmp_path / "s.safetensors", sel.indices, sel.meta)
+
+
+def test_unwritable_output_directory_names_the_output(tiny_model, tmp_path, monkeypatch):
+    """issue 11 item 14: a read-only parent names OUT; root ignores mode bits, so mkdtemp's refusal is simulated."""
+    import tempfile
+
+    from spinctl.errors import OutputError
+
+    src = tiny_model("llama", "float32")
+    sel = read_selection(make_selection(src, tmp_path))
+
+    def refuse(prefix="", suffix="", dir=None):
+        raise PermissionError(13, "Permission denied", f"{dir}/{prefix}abc123{suffix}")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    with pytest.raises(OutputError) as e:
+        patch(PatchConfig(src, tmp_path / "ro" / "out"), sel)
+    assert str(e.value).startswith(f"cannot create {tmp_path / 'ro' / 'out'}: Permission denied")
+    assert "abc123" not in str(e.value)
+
+
+def test_staged_output_is_fsynced_before_the_rename(tiny_model, tmp_path, monkeypatch):
+    """issue 11 item 16: every copied non-weight file and the staged directory reach the disk before OUT appears."""
+    src = tiny_model("llama", "float32")
+    sel = read_selection(make_selection(src, tmp_path))
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(a, b, **kw):
+        events.append(("replace", str(b)))
+        return real_replace(a, b, **kw)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    out = tmp_path / "out"
+    patch(PatchConfig(src, out), sel)
+    final = events.index(("replace", str(out)))
+    synced = {Path(p).name for kind, p in events[:final] if kind == "fsync"}
+    staged = {Path(p) for kind, p in events[:final] if kind == "fsync" and Path(p).name.startswith(".out.")}
+    assert staged, "the staged directory itself was not fsynced before the rename"
+    for f in src.iterdir():
+        assert f.name in synced, f"{f.name} was not fsynced before OUT was renamed into place"
