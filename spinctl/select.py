@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from enum import Enum
@@ -12,6 +11,7 @@ import numpy as np
 
 from .errors import InputError, OutputError, SpinctlError, UsageError
 from .formats import ScoreFile, read_scores, top_count, write_selection
+from .fsutil import file_sha256
 
 
 class Mode(str, Enum):
@@ -85,14 +85,6 @@ def select(retain: ScoreFile, couple: list[ScoreFile], p: float, q: float, mode:
     check_compatible(retain, couple, p, q)
     fn = SELECTORS[Mode(mode)]
     return {name: fn(retain, couple, name, p, q) for name in sorted(retain.shapes)}
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def run_select(cfg: SelectConfig) -> tuple[dict[str, np.ndarray], dict]:

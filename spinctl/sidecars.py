@@ -13,7 +13,7 @@ import numpy as np
 from . import __version__, untrusted
 from .checkpoint import ITEMSIZE, TensorEntry, read_shard
 from .errors import InputError
-from .fsutil import atomic_write_bytes
+from .fsutil import atomic_write_bytes, file_sha256
 
 MANIFEST = "spin-manifest.json"
 UNDO = "spin-undo.safetensors"
@@ -109,14 +109,6 @@ def write_undo(path: Path, entries: dict[str, UndoEntry], fingerprint: str) -> s
     data = encode_undo(entries, fingerprint)
     atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_undo_recorded(undo_path: Path, undo: dict[str, UndoEntry], manifest: dict) -> None:
