@@ -102,7 +102,7 @@ def test_pipeline_on_the_real_model(smollm2, tmp_path):
     yaml = tmp_path / "spin.yaml"
     yaml.write_text(f"model: {smollm2}\noutput: patched\ncache_dir: cache\nretain: builtin:general\n"
                     "couple: [builtin:privacy, builtin:fairness]\n"
-                    "score: {nsamples: 4, keep: 0.01, targets: mlp, device: cpu, dtype: float32}\n"
+                    "score: {nsamples: 2, keep: 0.01, targets: mlp, max_length: 128, device: cpu, dtype: float32}\n"
                     "select: {p: 0.005, q: 0.005, mode: paper}\n")
     done = subprocess.run([sys.executable, "-m", "spinctl", "run", str(yaml), "--json"],
                           capture_output=True, text=True, timeout=900)
