@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import score_reference as ref
+from pairdata import write_csv
 from conftest import TEXTS
 from spinctl.errors import InputError, SpinctlError, UnsupportedError
 from spinctl.formats import keep_count, read_scores
@@ -30,14 +31,6 @@ def pairs(n: int = 40) -> list[tuple[str, str]]:
         cut = 2 + i % 5
         out.append((" ".join(words[:cut]), " " + " ".join(words[cut:] * (1 + i % 3))))
     return out
-
-
-def write_csv(path: Path, rows, header=("prompt", "response")) -> Path:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    return path
 
 
 @pytest.fixture(scope="module")
