@@ -28,10 +28,12 @@ PRIVACY, FAIRNESS = "beaver_train330k_privacy", "beaver_train330k_fairness"
 
 # Judged group: the "at least 4 p/q values in each mode", snip, MLP weights.
 JUDGED = [(mode, "mlp", v, v) for mode in ("paper", "reference") for v in (5e-4, 1e-3, 2e-3, 5e-3)]
-# Wider grid, ppl and preference accuracy only: p != q, every Linear, and wanda.
-WIDE = [("paper", "mlp", 1e-2, 1e-3), ("paper", "mlp", 1e-2, 5e-3), ("paper", "all", 1e-3, 1e-3),
-        ("reference", "all", 1e-3, 1e-3)]
-WANDA = [("paper", "mlp", 1e-3, 1e-3), ("paper", "mlp", 5e-3, 5e-3)]
+# Wider grid, ppl and preference accuracy only: smaller p = q (can anything stay within +2% ppl?),
+# p > q (a larger general set spares more capability), p < q, every Linear, and wanda.
+WIDE = [("paper", "mlp", 1e-4, 1e-4), ("reference", "mlp", 1e-4, 1e-4), ("paper", "mlp", 2e-4, 2e-4),
+        ("paper", "mlp", 1e-2, 1e-3), ("paper", "mlp", 2e-2, 1e-3), ("paper", "mlp", 1e-2, 5e-3),
+        ("paper", "mlp", 1e-3, 5e-3), ("paper", "all", 1e-3, 1e-3), ("reference", "all", 1e-3, 1e-3)]
+WANDA = [("paper", "mlp", 1e-3, 1e-3), ("paper", "mlp", 5e-3, 5e-3), ("reference", "mlp", 1e-3, 1e-3)]
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -130,7 +132,7 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, default=ROOT / "bench-out" / "real")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--ppl-rows", type=int, default=128)
-    p.add_argument("--judge-limit", type=int, default=128)
+    p.add_argument("--judge-limit", type=int, default=256)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--quick", action="store_true", help="smoke run: 8 samples, 16 rows, 8 questions, 2 settings")
