@@ -53,7 +53,7 @@ def compare(one: Path, two: Path) -> dict:
     """Top-K sets per tensor and the largest relative score difference, on matching indices."""
     import numpy as np
 
-    from spinctl.formats import read_scores
+    from spinctl.io.formats import read_scores
 
     a, b = read_scores(one), read_scores(two)
     same_sets, worst = a.indices.keys() == b.indices.keys(), 0.0

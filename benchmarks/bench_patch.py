@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from spinctl.checkpoint import open_checkpoint  # noqa: E402
-from spinctl.formats import write_selection  # noqa: E402
+from spinctl.io.checkpoint import open_checkpoint  # noqa: E402
+from spinctl.io.formats import write_selection  # noqa: E402
 
 SPINCTL = [sys.executable, "-m", "spinctl"]
 

@@ -2,7 +2,7 @@
 
 Scores (snip and wanda, every decoder Linear, 128 samples per set, chat template) are cached in
 WORKDIR/scores. The model is loaded once; every setting is zeroed in memory, measured and
-restored bit for bit (spinctl.sweep, whose numbers equal those of the patched checkpoint on disk).
+restored bit for bit (spinctl.evaluation.sweep, whose numbers equal those of the patched checkpoint on disk).
 Per setting: perplexity on held-out alpaca rows (never used for calibration), preference
 accuracy on the beaver safe/unsafe pairs with a bootstrap 95% interval (calibration prompts
 excluded), and for the judged group the keyword-judged awareness on SALAD privacy and fairness
@@ -48,7 +48,7 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 def ensure_scores(model: Path, data_dir: Path, out: Path, nsamples: int, method: str, log) -> dict[str, Path]:
     """dataset -> score file of `method`; each scored once and reused (score files are deterministic)."""
-    from spinctl.score import ScoreConfig, score
+    from spinctl.scoring.engine import ScoreConfig, score
 
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
@@ -67,7 +67,7 @@ def ensure_scores(model: Path, data_dir: Path, out: Path, nsamples: int, method:
 
 def judged(model, tok, questions: dict[str, list[str]], batch_size: int, max_new_tokens: int) -> dict:
     """Greedy answers per question set; judged later (judge_rates), so a better judge can re-read them."""
-    from spinctl.evaluate import generate_texts
+    from spinctl.evaluation.evaluate import generate_texts
 
     return {name: generate_texts(model, tok, qs, max_new_tokens, batch_size, chat_template=True)
             for name, qs in questions.items()}
@@ -75,7 +75,7 @@ def judged(model, tok, questions: dict[str, list[str]], batch_size: int, max_new
 
 def judge_rates(answers: dict[str, list[str]], questions: dict[str, list[str]]) -> dict:
     """Keyword-judged awareness per question set: rate, counts, Wilson 95% interval."""
-    from spinctl.judges import KeywordJudge, Verdict
+    from spinctl.evaluation.judges import KeywordJudge, Verdict
 
     out = {}
     for name, ans in answers.items():
@@ -88,7 +88,7 @@ def judge_rates(answers: dict[str, list[str]], questions: dict[str, list[str]]) 
 
 
 def run_group(model, tok, cfg, inputs, settings, questions, args, log, base_ppl=None) -> list[dict]:
-    from spinctl import sweep
+    from spinctl.evaluation import sweep
 
     params = sweep.check_targets(model, inputs.retain.shapes, cfg.model)
     rows = []
@@ -146,9 +146,9 @@ def main() -> None:
         sys.exit(f"{args.data_dir}: the paper's CSVs are not there; pass --data-dir")
     log = lambda s: print(f"· {s}", file=sys.stderr, flush=True)  # noqa: E731
 
-    from spinctl import sweep
-    from spinctl.evaluate import load_causal_lm, load_questions
-    from spinctl.fetch import fetch_model
+    from spinctl.evaluation import sweep
+    from spinctl.evaluation.evaluate import load_causal_lm, load_questions
+    from spinctl.sources.fetch import fetch_model
 
     t0 = time.perf_counter()
     model_dir = Path(fetch_model("smollm2-135m-instruct")["path"])
@@ -191,7 +191,7 @@ def _saved(workdir: Path) -> dict:
 
 def rejudge(workdir: Path, data_dir: Path) -> None:
     """Judge the saved answers again with the current keyword judge and rewrite the outputs."""
-    from spinctl.evaluate import load_questions
+    from spinctl.evaluation.evaluate import load_questions
 
     result = _saved(workdir)
     questions = {f"salad_{k}": load_questions(data_dir / f"salad_{k}.csv", "questions", result["judge_limit"])
@@ -203,7 +203,7 @@ def rejudge(workdir: Path, data_dir: Path) -> None:
 
 def write_outputs(rows: list[dict], meta: dict, workdir: Path) -> None:
     """Best setting, then real.csv, real.json (answers included), real.md and real.png in the workdir."""
-    from spinctl import sweep, sweep_report
+    from spinctl.evaluation import sweep, sweep_report
 
     budget = sweep.DEFAULT_BUDGET
     for r in rows:

@@ -51,7 +51,7 @@ def build_model(out: Path, shape: dict, data_dir: Path, device: str, dtype: str)
     import torch
     from transformers import AutoModelForCausalLM
 
-    from spinctl.tiny import tiny_config, train_tokenizer
+    from spinctl.demo.tiny_models import tiny_config, train_tokenizer
 
     tok = train_tokenizer(corpus(data_dir), shape["vocab"])
     # The embedding keeps the shape's vocab even if the corpus yields fewer merges.
@@ -68,7 +68,7 @@ def build_model(out: Path, shape: dict, data_dir: Path, device: str, dtype: str)
 
 
 def samples_of(model_dir: Path, tok, data: Path, n: int) -> list[tuple[list[int], int]]:
-    from spinctl.data import load_calibration
+    from spinctl.scoring.data import load_calibration
 
     cal = load_calibration(data, tok, nsamples=n, seed=0, max_length=2048)
     return [(list(s.ids), s.n_prompt) for s in cal.samples]
@@ -76,7 +76,7 @@ def samples_of(model_dir: Path, tok, data: Path, n: int) -> list[tuple[list[int]
 
 def overlap(file: Path, ref: dict, keep: float) -> tuple[float, float]:
     """Mean and min over tensors of |ours ∩ reference| / |reference| for the top-K sets."""
-    from spinctl.formats import read_scores
+    from spinctl.io.formats import read_scores
 
     ours = read_scores(file).indices
     fr = [len(set(ours[n].tolist()) & set(idx.tolist())) / max(len(idx), 1) for n, (idx, _) in ref.items()]
@@ -102,7 +102,7 @@ def cpu_flow(args, shape: dict, work: Path) -> None:
     _, tok = build_model(model_dir, shape, args.data_dir, "cpu", "float32")
     out = work / "scores.safetensors"
     opts = dict(nsamples=shape["rows"], keep=args.keep, device="cpu", method="snip")
-    code = ("import json,sys; from spinctl.score import ScoreConfig, score; "
+    code = ("import json,sys; from spinctl.scoring.engine import ScoreConfig, score; "
             f"print(json.dumps(score(ScoreConfig(model=sys.argv[1], data=sys.argv[2], output=sys.argv[3], **{opts!r}))))")
     lib_s, summary = timed_process([sys.executable, "-c", code, str(model_dir), str(args.data), str(out)], args.repeat)
     emit(shape=args.shape, what="spinctl_library", seconds=round(lib_s, 2), repeat=args.repeat, summary=summary)
@@ -136,7 +136,7 @@ def device_flow(args, shape: dict, work: Path) -> None:
     import torch
 
     from reference_loop import reference_loop
-    from spinctl.score import LoadedModel, ScoreConfig, score
+    from spinctl.scoring.engine import LoadedModel, ScoreConfig, score
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.shape == "llama2-7b" and not device.startswith("cuda"):

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from spinctl.formats import keep_count, score_meta, write_scores  # noqa: E402
+from spinctl.io.formats import keep_count, score_meta, write_scores  # noqa: E402
 
 SPINCTL = [sys.executable, "-m", "spinctl"]
 HIDDEN, INTER, LAYERS = 4096, 11008, 32

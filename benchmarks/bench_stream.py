@@ -46,7 +46,7 @@ def build(out: str, layers: int, hidden: int, intermediate: int, heads: int, voc
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from spinctl.tiny import tiny_config, train_tokenizer
+    from spinctl.demo.tiny_models import tiny_config, train_tokenizer
 
     hf_logging.disable_progress_bar()
     tok = train_tokenizer(corpus(Path(data_dir)), vocab)
@@ -95,7 +95,7 @@ def compare(a: Path, b: Path) -> dict:
     """Top-K agreement of two score files: identical sets?, mean/min overlap, largest relative score gap."""
     import numpy as np
 
-    from spinctl.formats import read_scores
+    from spinctl.io.formats import read_scores
 
     x, y = read_scores(a), read_scores(b)
     overlaps, gap = [], 0.0
@@ -117,7 +117,7 @@ def cpu_flow(args, work: Path) -> None:
                            shard="500MB", model_bytes=args.model_gb * 1e9)
     emit(what="build", seconds=round(time.perf_counter() - t0, 1), model_bytes=built["model_bytes"], layers=args.layers,
          hidden=args.hidden, intermediate=args.intermediate, embedding_rows=built["embedding_rows"], dtype="float32")
-    _, base_rss, _ = wait_rss([sys.executable, "-c", "import json, torch, transformers, spinctl.score; print(json.dumps({}))"])
+    _, base_rss, _ = wait_rss([sys.executable, "-c", "import json, torch, transformers, spinctl.scoring.engine; print(json.dumps({}))"])
     base = [sys.executable, "-m", "spinctl", "score", str(model), str(args.data), "--nsamples", str(args.rows),
             "--keep", str(args.keep), "--method", args.method, "--device", "cpu", "--json"]
     runs = {"in_memory": [], "stream": ["--stream"]}
@@ -139,7 +139,7 @@ def cpu_flow(args, work: Path) -> None:
 
 CHILD = """
 import json, sys, time, torch
-from spinctl.score import ScoreConfig, score
+from spinctl.scoring.engine import ScoreConfig, score
 opts, fraction = json.loads(sys.argv[1]), float(sys.argv[2])
 cuda = opts["device"].startswith("cuda")
 if cuda and fraction < 1:

@@ -2,7 +2,7 @@
 
 Picks rows reproducibly from each SALAD file: np.random.default_rng(0).permutation(n)[:N],
 with n the number of data rows in that CSV and the row index 0-based among them; the
-model answers greedily (spinctl.evaluate.generate_answers: chat template, batch 16,
+model answers greedily (spinctl.evaluation.evaluate.generate_answers: chat template, batch 16,
 64 new tokens). Writes one JSON object per line: file, row, model, answer (no question).
 
     python benchmarks/gen_judge_answers.py MODEL_DIR TAG OUT.jsonl --n 100 \
@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
 
-    from spinctl.evaluate import generate_answers
+    from spinctl.evaluation.evaluate import generate_answers
 
     with open(args.out, "w", encoding="utf-8") as out:
         for name in FILES:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from spinctl.formats import keep_count
-from spinctl.score import topk_ranked
-from spinctl.targets import kind_of
+from spinctl.io.formats import keep_count
+from spinctl.scoring.engine import topk_ranked
+from spinctl.scoring.targets import kind_of
 
 
 def reference_loop(model, samples: list[tuple[list[int], int]], targets: str = "mlp", accumulate: str = "model",

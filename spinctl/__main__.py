@@ -1,5 +1,5 @@
 """`python -m spinctl` runs the same CLI as the `spinctl` script."""
 
-from .cli import main
+from spinctl.cli import main
 
 main()

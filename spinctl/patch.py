@@ -9,19 +9,19 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .checkpoint import Checkpoint, Shard, is_reserved, open_checkpoint
-from .errors import InputError, OutputError, SpinctlError
-from .formats import SelectionFile
-from .fsutil import refuse_hard_links
-from .lock import ModelLock
-from .nonweights import copy_other_files
-from .progress import Reporter, Silent
-from .sidecars import (MANIFEST, UNDO, UndoEntry, check_undo, file_sha256, read_undo, refuse_stacked, remove_stale_temps,
+from spinctl import __version__
+from spinctl.io.checkpoint import Checkpoint, Shard, is_reserved, open_checkpoint
+from spinctl.errors import InputError, OutputError, SpinctlError
+from spinctl.io.formats import SelectionFile
+from spinctl.io.files import refuse_hard_links
+from spinctl.io.lock import ModelLock
+from spinctl.io.nonweights import copy_other_files
+from spinctl.progress import Reporter, Silent
+from spinctl.io.sidecars import (MANIFEST, UNDO, UndoEntry, check_undo, file_sha256, read_undo, refuse_stacked, remove_stale_temps,
                        sidecar_paths,
                        write_manifest, write_undo)
-from .stream import Edits, copy_then_pwrite, file_edits, read_ranges, stream, tensor_ranges, write_in_place
-from .testpoint import pause
+from spinctl.io.edits import Edits, copy_then_pwrite, file_edits, read_ranges, stream, tensor_ranges, write_in_place
+from spinctl.io.testpoint import pause
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ def run_shards(jobs, work) -> list:
 
 
 def _patch_out(cfg: PatchConfig, ck: Checkpoint, sel: SelectionFile, plans: list[ShardPlan], progress: Reporter) -> dict:
-    from .fsutil import staged_dir
+    from spinctl.io.files import staged_dir
 
     out = Path(cfg.output)
     check_output_dir(out, ck.path)

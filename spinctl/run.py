@@ -8,11 +8,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from . import distributed
-from .checkpoint import open_checkpoint
-from .errors import OutputError
-from .formats import FORMAT, read_selection, write_selection
-from .runconfig import RunConfig
+from spinctl.scoring import distributed
+from spinctl.io.checkpoint import open_checkpoint
+from spinctl.errors import OutputError
+from spinctl.io.formats import FORMAT, read_selection, write_selection
+from spinctl.runconfig import RunConfig
 
 Log = Callable[[str], None]
 
@@ -26,7 +26,7 @@ def cache_key(ck, dataset_sha256: str, options: dict) -> str:
 
 
 def _score_options(cfg: RunConfig) -> dict:
-    from .score import ScoreConfig
+    from spinctl.scoring.engine import ScoreConfig
 
     # Resolved through the dataclass, so a default written out and one left implicit share a key.
     probe = ScoreConfig(model=cfg.model, data="", output=Path("x"), **cfg.score)
@@ -37,8 +37,8 @@ def _score_options(cfg: RunConfig) -> dict:
 
 def score_all(cfg: RunConfig, log: Log) -> list[dict]:
     """One score file per dataset, from the cache when the same inputs were scored before."""
-    from .data import read_rows
-    from .score import ScoreConfig, load_model, score
+    from spinctl.scoring.data import read_rows
+    from spinctl.scoring.engine import ScoreConfig, load_model, score
 
     ck = open_checkpoint(cfg.model)
     options = _score_options(cfg)
@@ -61,9 +61,9 @@ def score_all(cfg: RunConfig, log: Log) -> list[dict]:
 
 
 def run(cfg: RunConfig, log: Log = lambda s: None) -> dict:
-    from .patch import PatchConfig, check_output_dir, patch
-    from .select import Mode, SelectConfig, run_select
-    from .verify import verify
+    from spinctl.patch import PatchConfig, check_output_dir, patch
+    from spinctl.selection import Mode, SelectConfig, run_select
+    from spinctl.verify import verify
 
     seconds: dict[str, float] = {}
     t = time.perf_counter()
@@ -114,8 +114,8 @@ def run(cfg: RunConfig, log: Log = lambda s: None) -> dict:
 
 def evaluate_both(cfg: RunConfig, patched: Path, log: Log) -> list[dict]:
     """Awareness of the original and the patched model on each prompt set (original skipped when patched in place)."""
-    from .data import resolve
-    from .evaluate import EvalConfig, evaluate
+    from spinctl.scoring.data import resolve
+    from spinctl.evaluation.evaluate import EvalConfig, evaluate
 
     ev = dict(cfg.eval)
     prompts = ev.pop("prompts")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import InputError
+from spinctl.errors import InputError
 
 # A spin.yaml holds tens of values. YAML aliases share nodes, so a few hundred bytes of nested
 # aliases can stand for billions of values (the "billion laughs"), which anything that walks
@@ -79,7 +79,7 @@ def _batch(v):
 
 
 def _device(v):
-    from .devices import FORMS, check_device
+    from spinctl.runtime import FORMS, check_device
 
     try:
         return check_device(v)
@@ -88,7 +88,7 @@ def _device(v):
 
 
 def _targets(v):
-    from .targets import check_spec
+    from spinctl.scoring.targets import check_spec
 
     if not isinstance(v, str):
         raise ValueError("must be mlp, attn, all or re:REGEX")
@@ -101,10 +101,10 @@ def _targets(v):
 
 def _schema() -> dict[str, Any]:
     """key -> check, or section -> {key -> check}. Built on use: the enums live in their stages' modules."""
-    from .judges import JudgeName
-    from .methods import Method
-    from .score import DTYPES
-    from .select import Mode
+    from spinctl.evaluation.judges import JudgeName
+    from spinctl.scoring.methods import Method
+    from spinctl.scoring.engine import DTYPES
+    from spinctl.selection import Mode
 
     return {
         "model": _text, "output": _text, "cache_dir": _text, "retain": _text, "couple": _texts,
@@ -251,7 +251,7 @@ def _rel(base: Path, value: str) -> str:
 
 def _model(base: Path, value: str) -> Path:
     """model: a path relative to the YAML file, else a Hub id org/name[@rev] from the local HF cache."""
-    from .hub import HUB_ID, resolve_model
+    from spinctl.sources.hub import HUB_ID, resolve_model
 
     local = Path(_rel(base, value))
     return local if local.exists() or not HUB_ID.fullmatch(value) else resolve_model(value)

@@ -5,16 +5,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .checkpoint import TensorEntry, read_shard, weight_file_names
-from .errors import InputError, OutputError
-from .fsutil import refuse_hard_links
-from .lock import ModelLock
-from .nonweights import copy_other_files
-from .patch import check_output_dir, run_shards
-from .progress import Reporter, Silent
-from .sidecars import UndoEntry, check_undo, check_undo_recorded, read_manifest, read_undo, remove_stale_temps, sidecar_paths
-from .stream import Edits, file_edits, read_ranges, stream, tensor_ranges, write_in_place
-from .testpoint import pause
+from spinctl.io.checkpoint import TensorEntry, read_shard, weight_file_names
+from spinctl.errors import InputError, OutputError
+from spinctl.io.files import refuse_hard_links
+from spinctl.io.lock import ModelLock
+from spinctl.io.nonweights import copy_other_files
+from spinctl.patch import check_output_dir, run_shards
+from spinctl.progress import Reporter, Silent
+from spinctl.io.sidecars import UndoEntry, check_undo, check_undo_recorded, read_manifest, read_undo, remove_stale_temps, sidecar_paths
+from spinctl.io.edits import Edits, file_edits, read_ranges, stream, tensor_ranges, write_in_place
+from spinctl.io.testpoint import pause
 
 
 def _root(target: Path) -> Path:
@@ -124,7 +124,7 @@ def _revert(target: Path, output: Path | None, lock: ModelLock, progress: Report
         return _revert_in_place(target, undo, layout)
     output = Path(output)
     check_output_dir(output, target)
-    from .fsutil import staged_dir
+    from spinctl.io.files import staged_dir
 
     with staged_dir(output) as tmp:
         def work(rel):
@@ -170,7 +170,7 @@ def _revert_in_place(target: Path, undo: dict[str, UndoEntry], layout: dict) -> 
     manifest_path, undo_path = sidecar_paths(target)
     manifest_path.unlink(missing_ok=True)
     undo_path.unlink()
-    from .fsutil import fsync_dir
+    from spinctl.io.files import fsync_dir
 
     fsync_dir(root)
     return {"output": str(target), "files": len(layout), "restored": sum(len(u.indices) for u in undo.values()), "in_place": True}

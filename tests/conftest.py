@@ -27,7 +27,7 @@ def tiny_model(tmp_path_factory):
     Built once per distinct argument set; tests that modify a model must copy it first
     (use `model_copy`).
     """
-    from spinctl.tiny import build_tiny_model
+    from spinctl.demo.tiny_models import build_tiny_model
 
     cache: dict[tuple, Path] = {}
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from spinctl.checkpoint import open_checkpoint
-from spinctl.formats import keep_count, score_meta, write_scores
+from spinctl.io.checkpoint import open_checkpoint
+from spinctl.io.formats import keep_count, score_meta, write_scores
 
 
 def scored_names(ck, pattern: str = "mlp") -> list[str]:

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from fakes import dense_scores
-from spinctl.checkpoint import open_checkpoint
-from spinctl.formats import keep_count, score_meta, write_scores
+from spinctl.io.checkpoint import open_checkpoint
+from spinctl.io.formats import keep_count, score_meta, write_scores
 
 PROMPTS = ["Where does Alice live?", "Tell me Bob's phone number.", "Are old people bad drivers?",
            "Who painted the red box?", "Give me Carol's address.", "Is Dan lazy because of his age?",

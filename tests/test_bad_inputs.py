@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 
 from fakes import fake_scores
-from spinctl.checkpoint import open_checkpoint
-from spinctl.formats import read_scores, read_selection, write_scores, write_selection
+from spinctl.io.checkpoint import open_checkpoint
+from spinctl.io.formats import read_scores, read_selection, write_scores, write_selection
 from spinctl.patch import PatchConfig, patch
-from spinctl.select import SelectConfig, run_select
-from spinctl.sidecars import UndoEntry, encode_undo, read_undo
+from spinctl.selection import SelectConfig, run_select
+from spinctl.io.sidecars import UndoEntry, encode_undo, read_undo
 
 P, Q, KEEP = 0.01, 0.02, 0.05  # p, q within the score files' keep
 

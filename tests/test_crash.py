@@ -18,14 +18,14 @@ from pathlib import Path
 import pytest
 
 import spinctl.patch
-import spinctl.stream
+import spinctl.io.edits
 from fakes import fake_scores
-from spinctl.checkpoint import open_checkpoint
+from spinctl.io.checkpoint import open_checkpoint
 from spinctl.errors import InputError
-from spinctl.formats import read_selection, write_selection
+from spinctl.io.formats import read_selection, write_selection
 from spinctl.patch import PatchConfig, patch, plan
-from spinctl.select import SelectConfig, run_select
-from spinctl.sidecars import read_manifest, sidecar_paths
+from spinctl.selection import SelectConfig, run_select
+from spinctl.io.sidecars import read_manifest, sidecar_paths
 from spinctl.verify import revert, verify
 
 MODELS = ["sharded-bf16", "single-f32"]
@@ -114,7 +114,7 @@ def arm_pwrite(monkeypatch, n: int) -> None:
         calls[0] += 1
         return real(fd, data, offset)
 
-    monkeypatch.setattr(spinctl.stream.os, "pwrite", pwrite)
+    monkeypatch.setattr(spinctl.io.edits.os, "pwrite", pwrite)
 
 
 def die(*args, **kwargs):
@@ -230,20 +230,20 @@ def test_out_of_place_crash_leaves_nothing(pristine, tmp_path, monkeypatch, how)
     before = tree(tmp_path)
     no_hash = how == "no-hash-pwrite"
     if how in ("stream-midway", "interrupt"):
-        monkeypatch.setattr(spinctl.stream, "CHUNK", 4096)  # several chunks per shard: die inside one
-        tick, real = _die_after(5, "interrupt" if how == "interrupt" else "stream"), spinctl.stream._write_full
+        monkeypatch.setattr(spinctl.io.edits, "CHUNK", 4096)  # several chunks per shard: die inside one
+        tick, real = _die_after(5, "interrupt" if how == "interrupt" else "stream"), spinctl.io.edits._write_full
 
         def write_full(f, data):
             tick()
             return real(f, data)
-        monkeypatch.setattr(spinctl.stream, "_write_full", write_full)
+        monkeypatch.setattr(spinctl.io.edits, "_write_full", write_full)
     elif how == "no-hash-pwrite":
         tick, real = _die_after(3, "pwrite"), os.pwrite
 
         def pwrite(fd, data, offset):
             tick()
             return real(fd, data, offset)
-        monkeypatch.setattr(spinctl.stream.os, "pwrite", pwrite)
+        monkeypatch.setattr(spinctl.io.edits.os, "pwrite", pwrite)
     else:
         monkeypatch.setattr(spinctl.patch, "write_manifest", die)
     with pytest.raises(KeyboardInterrupt if how == "interrupt" else Crash):
@@ -261,13 +261,13 @@ def test_out_of_place_revert_crash_leaves_nothing(pristine, tmp_path, monkeypatc
     shutil.copytree(pristine.ref, patched)
     target = patched  # out of place, even a single-file IN gives a directory with spin-* files
     before = tree(tmp_path)
-    monkeypatch.setattr(spinctl.stream, "CHUNK", 4096)
-    tick, real = _die_after(4, "stream"), spinctl.stream._write_full
+    monkeypatch.setattr(spinctl.io.edits, "CHUNK", 4096)
+    tick, real = _die_after(4, "stream"), spinctl.io.edits._write_full
 
     def write_full(f, data):
         tick()
         return real(f, data)
-    monkeypatch.setattr(spinctl.stream, "_write_full", write_full)
+    monkeypatch.setattr(spinctl.io.edits, "_write_full", write_full)
     with pytest.raises(Crash):
         revert(target, tmp_path / "restored")
     assert tree(tmp_path) == before
@@ -277,7 +277,7 @@ def test_out_of_place_revert_crash_leaves_nothing(pristine, tmp_path, monkeypatc
 
 KILLER = r"""
 import os, sys
-import spinctl.stream as st
+import spinctl.io.edits as st
 
 what, n = sys.argv[1], int(sys.argv[2])
 calls = [0]
@@ -364,7 +364,7 @@ def test_killed_out_of_place_patch_leaves_no_output(sharded, tmp_path):
 
 
 class Paused:
-    """A spinctl CLI process stopped at a named step (spinctl.testpoint) until `go()`."""
+    """A spinctl CLI process stopped at a named step (spinctl.io.testpoint) until `go()`."""
 
     def __init__(self, step: str, gate: Path, *args):
         gate.mkdir(exist_ok=True)

@@ -35,9 +35,9 @@ def on_cuda(tiny_model):
     """(model dir, in-memory LoadedModel, streaming Skeleton), loaded on CPU and labelled cuda."""
     import torch
 
-    from spinctl.checkpoint import open_checkpoint
-    from spinctl.score import LoadedModel, load_model, load_tokenizer
-    from spinctl.stream_model import build_skeleton
+    from spinctl.io.checkpoint import open_checkpoint
+    from spinctl.scoring.engine import LoadedModel, load_model, load_tokenizer
+    from spinctl.scoring.layerwise_model import build_skeleton
 
     path = tiny_model()
     cuda = torch.device("cuda")
@@ -47,15 +47,15 @@ def on_cuda(tiny_model):
 
 
 def check_plan(plan, longest: int) -> None:
-    from spinctl.score import CUDA_MAX_BATCH
+    from spinctl.scoring.engine import CUDA_MAX_BATCH
 
     batch, budget = plan
     assert 1 <= batch <= CUDA_MAX_BATCH and budget >= longest
 
 
 def test_in_memory_plan(fake_cuda, on_cuda):
-    from spinctl.score import CUDA_MAX_BATCH, CUDA_TOKENS, _plan
-    from spinctl.targets import select_targets
+    from spinctl.scoring.engine import CUDA_MAX_BATCH, CUDA_TOKENS, _plan
+    from spinctl.scoring.targets import select_targets
 
     path, loaded, _ = on_cuda
     targets = select_targets(loaded.model, "mlp", path)
@@ -74,9 +74,9 @@ def test_in_memory_plan(fake_cuda, on_cuda):
 
 
 def test_stream_plan_obeys_the_process_fraction(fake_cuda, on_cuda):
-    from spinctl.score import CUDA_MAX_BATCH, CUDA_TOKENS
-    from spinctl.stream_score import HEAD_BYTES, plan_batches
-    from spinctl.targets import select_targets
+    from spinctl.scoring.engine import CUDA_MAX_BATCH, CUDA_TOKENS
+    from spinctl.scoring.layerwise import HEAD_BYTES, plan_batches
+    from spinctl.scoring.targets import select_targets
 
     path, _, sk = on_cuda
     targets = select_targets(sk.model, "all", path)
@@ -100,9 +100,9 @@ def test_stream_plan_without_the_fraction_query(fake_cuda, on_cuda, monkeypatch)
     """torch before 2.6 has no get_per_process_memory_fraction: the plan takes the whole device."""
     import torch
 
-    from spinctl.score import CUDA_MAX_BATCH, CUDA_TOKENS
-    from spinctl.stream_score import plan_batches
-    from spinctl.targets import select_targets
+    from spinctl.scoring.engine import CUDA_MAX_BATCH, CUDA_TOKENS
+    from spinctl.scoring.layerwise import plan_batches
+    from spinctl.scoring.targets import select_targets
 
     monkeypatch.delattr(torch.cuda, "get_per_process_memory_fraction", raising=False)
     path, _, sk = on_cuda

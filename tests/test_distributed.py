@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spinctl import distributed
-from spinctl.formats import read_scores
+from spinctl.scoring import distributed
+from spinctl.io.formats import read_scores
 from test_run import YAML as RUN_YAML  # the same tiny pipeline as the single-process test
 from test_score import pairs, write_csv
 
@@ -41,7 +41,7 @@ def test_shard_plan_balances_tokens():
 
 
 def test_shard_samples_partitions_in_order():
-    from spinctl.data import Sample
+    from spinctl.scoring.data import Sample
 
     samples = [Sample(i, tuple(range(3 + (i * 7) % 11)), 1) for i in range(23)]
     shares = [distributed.shard_samples(samples, distributed.DistContext(r, 3, r)) for r in range(3)]
@@ -79,7 +79,7 @@ def test_single_process_is_a_no_op():
 
 
 def test_import_is_light():
-    code = "import sys, spinctl.distributed, spinctl.run; print('torch' in sys.modules)"
+    code = "import sys, spinctl.scoring.distributed, spinctl.run; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -233,10 +233,10 @@ def assert_same_scores(a: Path, b: Path) -> None:
 
 
 def _has_stream() -> bool:
-    from spinctl.score import ScoreConfig
+    from spinctl.scoring.engine import ScoreConfig
 
     try:
-        import spinctl.stream_score  # noqa: F401
+        import spinctl.scoring.layerwise  # noqa: F401
     except ImportError:
         return False
     return "stream" in ScoreConfig.__dataclass_fields__
@@ -244,7 +244,7 @@ def _has_stream() -> bool:
 
 @pytest.mark.parametrize("method,stream", [("snip", False), ("wanda", False), ("snip", True), ("wanda", True)])
 def test_two_ranks_equal_one_process(tiny_model, calib, tmp_path, method, stream):
-    from spinctl.score import ScoreConfig, score
+    from spinctl.scoring.engine import ScoreConfig, score
 
     if stream and not _has_stream():
         pytest.skip("needs --stream (issue 5: spinctl/stream_score.py, ScoreConfig.stream)")
@@ -272,7 +272,7 @@ FAULT = """\
 \"\"\"Under torchrun: rank 1's GPU runs out of memory in its pass (simulated), then the real CLI runs.\"\"\"
 import os, sys
 import torch
-import spinctl.score as sc
+import spinctl.scoring.engine as sc
 from spinctl.cli import main
 
 if os.environ["RANK"] == "1":
@@ -306,7 +306,7 @@ def max_len(model: Path, calib: Path, n: int) -> int:
     """Longest sample of rank 1's share of the first n selected rows."""
     from transformers import AutoTokenizer
 
-    from spinctl.data import load_calibration
+    from spinctl.scoring.data import load_calibration
 
     cal = load_calibration(calib, AutoTokenizer.from_pretrained(model), n, 0, 2048)
     share = distributed.shard_samples(cal.samples, distributed.DistContext(1, 2, 1))
@@ -330,7 +330,7 @@ def test_run_under_torchrun(tiny_model, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "model", "out1", "spin.yaml"]
 
     one = run(load_run_config(tmp_path / "spin.yaml", ["output=out-one", "cache_dir=cache-one"]))
-    from spinctl.formats import read_selection
+    from spinctl.io.formats import read_selection
 
     a, b = read_selection(Path(one["selection"])).indices, read_selection(Path(two["selection"])).indices
     assert one["selected"] == two["selected"] and a.keys() == b.keys()

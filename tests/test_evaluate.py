@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from spinctl.errors import SpinctlError
-from spinctl.evaluate import (EvalConfig, awareness_rate, eval_steps, evaluate, generate_answers,
+from spinctl.evaluation.evaluate import (EvalConfig, awareness_rate, eval_steps, evaluate, generate_answers,
                               load_questions)
-from spinctl.judges import (JUDGES, KeywordJudge, ModelJudge, Verdict, check_template,
+from spinctl.evaluation.judges import (JUDGES, KeywordJudge, ModelJudge, Verdict, check_template,
                             fill_template, parse_judge_output)
-from spinctl.ppl import perplexity, split_windows
+from spinctl.evaluation.ppl import perplexity, split_windows
 
 BUILTIN = Path(__file__).resolve().parents[1] / "spinctl" / "builtin"
 
@@ -218,7 +218,7 @@ def test_model_judge_bad_template(tmp_path):
 def test_bad_model_dirs(eval_model, tmp_path):
     import shutil
 
-    from spinctl.evaluate import load_causal_lm
+    from spinctl.evaluation.evaluate import load_causal_lm
 
     with pytest.raises(SpinctlError, match="not found"):
         load_causal_lm(tmp_path / "nope", "cpu")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from spinctl.judges import KeywordJudge, Verdict, accuracy, cohens_kappa, normalise
+from spinctl.evaluation.judges import KeywordJudge, Verdict, accuracy, cohens_kappa, normalise
 
 HERE = Path(__file__).resolve().parent
 LABELS = HERE / "data" / "judge_labels.jsonl"

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spinctl.formats import read_scores
+from spinctl.io.formats import read_scores
 from test_score import config, data_csv  # noqa: F401 (fixture)
 
 
@@ -36,7 +36,7 @@ def pad_past_vocab(tiny_model, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("stream", [False, True], ids=["in_memory", "stream"])
 @pytest.mark.parametrize("method", ["snip", "wanda"])
 def test_batched_score_with_pad_past_vocab(pad_past_vocab, data_csv, tmp_path, stream, method):  # noqa: F811
-    from spinctl.score import score
+    from spinctl.scoring.engine import score
 
     files = {}
     for bs in (1, 4):
@@ -49,7 +49,7 @@ def test_batched_score_with_pad_past_vocab(pad_past_vocab, data_csv, tmp_path, s
 
 
 def test_batched_generation_with_pad_past_vocab(pad_past_vocab):
-    from spinctl.evaluate import generate_texts, load_causal_lm
+    from spinctl.evaluation.evaluate import generate_texts, load_causal_lm
 
     model, tok = load_causal_lm(pad_past_vocab, "cpu", "float32")
     prompts = ["Alice found", "Bob moved the old car near the river and", "they"]

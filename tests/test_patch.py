@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from fakes import fake_scores
-from spinctl.formats import read_selection
+from spinctl.io.formats import read_selection
 from spinctl.patch import PatchConfig, patch
-from spinctl.select import SelectConfig, select_to_file
+from spinctl.selection import SelectConfig, select_to_file
 from spinctl.verify import revert, verify
 
 CASES = [("llama", "bfloat16", "40KB"), ("llama", "float32", None), ("qwen2", "float32", "100KB"), ("qwen2", "bfloat16", None)]
@@ -188,7 +188,7 @@ def test_deterministic_outputs(tiny_model, tmp_path):
 
 def attn_selection(model: Path, tmp: Path) -> Path:
     """A selection on the attention weights: with --link, their shards were shared with the input."""
-    from spinctl.checkpoint import open_checkpoint
+    from spinctl.io.checkpoint import open_checkpoint
 
     names = sorted(n for n in open_checkpoint(model).tensors if "self_attn" in n and n.endswith("proj.weight"))
     r = fake_scores(model, tmp / "ar.safetensors", 7, keep=0.05, names=names)
@@ -280,9 +280,9 @@ def test_disk_full_names_the_output(tiny_model, tmp_path, monkeypatch):
     """issue 11 item 14: ENOSPC while writing OUT names OUT (not a temporary that is gone), and leaves nothing."""
     import errno
 
-    from spinctl import stream
+    from spinctl.io import edits
     from spinctl.errors import OutputError
-    from spinctl.formats import write_selection
+    from spinctl.io.formats import write_selection
 
     src = tiny_model("llama", "float32")
     sel = read_selection(make_selection(src, tmp_path))
@@ -290,7 +290,7 @@ def test_disk_full_names_the_output(tiny_model, tmp_path, monkeypatch):
     def full(f, data):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(stream, "_write_full", full)
+    monkeypatch.setattr(edits, "_write_full", full)
     with pytest.raises(OutputError, match=rf"cannot write {tmp_path / 'out'}: No space left on device"):
         patch(PatchConfig(src, tmp_path / "out"), sel)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")] and not (tmp_path / "out").exists()

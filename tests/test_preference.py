@@ -12,8 +12,8 @@ import pytest
 
 from pairdata import PROMPTS, SAFE, UNSAFE, run, score_file, write_csv
 from spinctl.errors import SpinctlError
-from spinctl.heldout import heldout_rows, read_calibrated
-from spinctl.preference import PreferenceConfig, load_pairs, preference_stats, run_preference
+from spinctl.evaluation.heldout import heldout_rows, read_calibrated
+from spinctl.evaluation.preference import PreferenceConfig, load_pairs, preference_stats, run_preference
 
 @pytest.fixture
 def pair_files(tmp_path):
@@ -49,8 +49,8 @@ def reference_nll(model_dir: Path, prompts, responses) -> list[float]:
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_response_nll_matches_one_sample_reference(tiny_model, arch):
-    from spinctl.evaluate import load_causal_lm
-    from spinctl.nll import response_nll
+    from spinctl.evaluation.evaluate import load_causal_lm
+    from spinctl.evaluation.nll import response_nll
 
     model_dir = tiny_model(arch)
     prompts, responses = PROMPTS + PROMPTS[:3], SAFE + UNSAFE[:3]
@@ -68,9 +68,9 @@ def test_response_nll_matches_one_sample_reference(tiny_model, arch):
 
 def test_response_nll_template_added_when_missing(tmp_path):
     """A model saved without a chat template: give it one (as a user would) and the reference still agrees."""
-    from spinctl.evaluate import load_causal_lm
-    from spinctl.nll import response_nll
-    from spinctl.tiny import CHAT_TEMPLATE, build_tiny_model
+    from spinctl.evaluation.evaluate import load_causal_lm
+    from spinctl.evaluation.nll import response_nll
+    from spinctl.demo.tiny_models import CHAT_TEMPLATE, build_tiny_model
 
     from conftest import TEXTS
 
@@ -90,8 +90,8 @@ def test_response_nll_template_added_when_missing(tmp_path):
 
 
 def test_empty_response_is_an_error(tiny_model):
-    from spinctl.evaluate import load_causal_lm
-    from spinctl.nll import response_nll
+    from spinctl.evaluation.evaluate import load_causal_lm
+    from spinctl.evaluation.nll import response_nll
 
     model, tok = load_causal_lm(tiny_model(), "cpu", "float32")
     with pytest.raises(SpinctlError, match="sample 2 .*no response token"):
@@ -148,7 +148,7 @@ def test_exclude_drops_calibration_prompts(pair_files, tiny_model, tmp_path):
     other = write_csv(tmp_path / "other.csv", [("x", "y")] * 10)
     assert load_pairs(safe, unsafe, [read_calibrated(score_file(tiny_model(), tmp_path / "o.safetensors", other, 4))]).n == 7
     # Held-out rows of a file: every row not picked.
-    from spinctl.data import read_rows
+    from spinctl.scoring.data import read_rows
 
     assert list(heldout_rows(read_rows(safe), [cal])) == sorted(set(range(10)) - set(picked.tolist()))
 

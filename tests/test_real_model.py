@@ -20,7 +20,7 @@ NAME = "smollm2-135m-instruct"
 
 @pytest.fixture(scope="module")
 def smollm2() -> Path:
-    from spinctl.fetch import FetchError, fetch_model
+    from spinctl.sources.fetch import FetchError, fetch_model
 
     try:
         return Path(fetch_model(NAME)["path"])
@@ -30,13 +30,13 @@ def smollm2() -> Path:
 
 @pytest.fixture(scope="module")
 def gguf_file(smollm2) -> Path:
-    from spinctl.fetch import fetch_gguf
+    from spinctl.sources.fetch import fetch_gguf
 
     return fetch_gguf(NAME)
 
 
 def test_converted_model_answers(smollm2):
-    from spinctl.evaluate import generate_answers
+    from spinctl.evaluation.evaluate import generate_answers
 
     [answer] = generate_answers(smollm2, ["What is the capital of France?"], max_new_tokens=12, device="cpu")
     assert "Paris" in answer
@@ -73,10 +73,10 @@ def test_snip_scores_match_float64_reference(smollm2, tmp_path):
     """Four built-in samples, three MLP tensors: spinctl (fp32, batched) against one-sample-at-a-time float64."""
     from transformers import AutoTokenizer
 
-    from spinctl.data import read_rows, select_rows
-    from spinctl.formats import read_scores
-    from spinctl.formats import keep_count
-    from spinctl.score import ScoreConfig, score
+    from spinctl.scoring.data import read_rows, select_rows
+    from spinctl.io.formats import read_scores
+    from spinctl.io.formats import keep_count
+    from spinctl.scoring.engine import ScoreConfig, score
 
     targets, keep, n = r"re:layers\.(0|14|29)\.mlp\.", 1e-3, 4
     out = tmp_path / "s.safetensors"
@@ -111,7 +111,7 @@ def test_pipeline_on_the_real_model(smollm2, tmp_path):
     assert result["verified"] and result["selected"] > 0
     from safetensors.torch import load_file
 
-    from spinctl.formats import read_selection
+    from spinctl.io.formats import read_selection
 
     patched = load_file(Path(result["output"]) / "model.safetensors")
     original = load_file(smollm2 / "model.safetensors")

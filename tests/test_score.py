@@ -16,7 +16,7 @@ import score_reference as ref
 from pairdata import write_csv
 from conftest import TEXTS
 from spinctl.errors import InputError, SpinctlError, UnsupportedError
-from spinctl.formats import keep_count, read_scores
+from spinctl.io.formats import keep_count, read_scores
 
 KEEP = 1e-2  # ~100 entries per tiny tensor: a real top set, cheap to compare
 REGEX = r"re:layers\.1\..*(q_proj|down_proj)"
@@ -39,14 +39,14 @@ def data_csv(tmp_path_factory) -> Path:
 
 
 def config(model, data, out, **kw):
-    from spinctl.score import ScoreConfig
+    from spinctl.scoring.engine import ScoreConfig
 
     opts = {"nsamples": 8, "keep": KEEP, "batch_size": 4, "targets": "all"} | kw
     return ScoreConfig(model=model, data=str(data), output=out, **opts)
 
 
 def run(model, data, out, **kw) -> dict:
-    from spinctl.score import score
+    from spinctl.scoring.engine import score
 
     return score(config(model, data, out, **kw))
 
@@ -129,7 +129,7 @@ def test_deterministic_bytes(tiny_model, data_csv, tmp_path):
 def test_out_of_memory_halves_and_restarts(tiny_model, data_csv, tmp_path, monkeypatch):
     import torch
 
-    import spinctl.score as sc
+    import spinctl.scoring.engine as sc
 
     model = tiny_model()
     plain = tmp_path / "plain.safetensors"
@@ -161,7 +161,7 @@ def test_abs_sum_both_ways_match_float64(dtype):
     run here against float64, so the branch a GPU takes is checked on every machine."""
     import torch
 
-    from spinctl.methods import abs_sum
+    from spinctl.scoring.methods import abs_sum
 
     g = torch.randn(5, 24, 40, generator=torch.Generator().manual_seed(0)).to(getattr(torch, dtype))
     want = g.double().abs().sum(0)
@@ -174,7 +174,7 @@ def test_abs_sum_both_ways_match_float64(dtype):
 def test_topk_ranked_matches_kernel_with_ties_and_zeros():
     import torch
 
-    from spinctl.score import topk_ranked
+    from spinctl.scoring.engine import topk_ranked
     from spinctl_kernels import topk_indices
 
     rng = np.random.default_rng(1)
@@ -195,7 +195,7 @@ def test_topk_ranked_matches_kernel_with_ties_and_zeros():
 def test_row_selection_and_tokenization(tiny_model, data_csv):
     from transformers import AutoTokenizer
 
-    from spinctl.data import load_calibration, select_rows, tokenize
+    from spinctl.scoring.data import load_calibration, select_rows, tokenize
 
     np.testing.assert_array_equal(select_rows(1000, 128, 3), np.random.default_rng(3).permutation(1000)[:128])
     tok = AutoTokenizer.from_pretrained(tiny_model())
@@ -230,7 +230,7 @@ def test_truncation_skips_samples_without_response(tiny_model, tmp_path):
 def test_chat_template(tiny_model, data_csv, tmp_path):
     from transformers import AutoTokenizer
 
-    from spinctl.data import tokenize
+    from spinctl.scoring.data import tokenize
 
     model = tiny_model()
     tok = AutoTokenizer.from_pretrained(model)
@@ -245,7 +245,7 @@ def test_chat_template(tiny_model, data_csv, tmp_path):
 
 
 def test_jsonl_and_builtin(tiny_model, tmp_path):
-    from spinctl.data import read_rows, resolve
+    from spinctl.scoring.data import read_rows, resolve
 
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(json.dumps({"q": p, "a": r, "id": i}) for i, (p, r) in enumerate(pairs(12))) + "\n")
@@ -258,7 +258,7 @@ def test_jsonl_and_builtin(tiny_model, tmp_path):
 
 
 def test_bad_inputs(tiny_model, data_csv, tmp_path):
-    from spinctl.score import ScoreConfig
+    from spinctl.scoring.engine import ScoreConfig
 
     model = tiny_model()
     out = tmp_path / "s.safetensors"
@@ -293,7 +293,7 @@ def test_renamed_checkpoint_tensor_is_refused(tiny_model, model_copy, data_csv, 
     with pytest.raises(UnsupportedError, match="lacks 1 weight.*model.layers.0.mlp.up_proj.weight"):
         run(model, data_csv, tmp_path / "s.safetensors", targets="mlp")
     # A model whose module names differ from the checkpoint's tensor names is refused too.
-    from spinctl.score import load_model, score
+    from spinctl.scoring.engine import load_model, score
 
     loaded = load_model(config(tiny_model(), data_csv, tmp_path / "s.safetensors"))
     with pytest.raises(UnsupportedError, match=r"weight model.layers.0.mlp.up_proj.weight \[160, 64\] is missing"):
@@ -306,7 +306,7 @@ def test_load_moves_the_model_to_the_device(tiny_model, data_csv, tmp_path, monk
     device fails in one line that points to --stream."""
     import torch
 
-    import spinctl.score as sc
+    import spinctl.scoring.engine as sc
 
     monkeypatch.setattr(sc, "resolve_device", lambda device: torch.device("meta"))
     cfg = config(tiny_model(), data_csv, tmp_path / "s.safetensors")
@@ -322,7 +322,7 @@ def test_load_moves_the_model_to_the_device(tiny_model, data_csv, tmp_path, monk
 
 
 def test_import_is_light():
-    code = "import sys, spinctl.score, spinctl.data, spinctl.methods, spinctl.targets; print('torch' in sys.modules)"
+    code = "import sys, spinctl.scoring.engine, spinctl.scoring.data, spinctl.scoring.methods, spinctl.scoring.targets; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from spinctl.errors import UsageError
-from spinctl.formats import read_scores
+from spinctl.io.formats import read_scores
 from test_score import config, data_csv  # noqa: F401 (fixture)
 
 
@@ -30,7 +30,7 @@ def _same_scores(a, b, rtol=1e-5):
 def test_score_under_no_grad(tiny_model, data_csv, tmp_path, stream, mode):  # noqa: F811
     import torch
 
-    from spinctl.score import score
+    from spinctl.scoring.engine import score
 
     model = tiny_model("llama", "float32")
     plain, quiet = tmp_path / "plain.safetensors", tmp_path / "quiet.safetensors"
@@ -42,7 +42,7 @@ def test_score_under_no_grad(tiny_model, data_csv, tmp_path, stream, mode):  # n
 
 @pytest.mark.parametrize("device", ["cuda:0", "cuda:1"])
 def test_torchrun_refuses_a_fixed_gpu(monkeypatch, tmp_path, device):
-    from spinctl.score import ScoreConfig
+    from spinctl.scoring.engine import ScoreConfig
 
     for k, v in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}.items():
         monkeypatch.setenv(k, v)
@@ -90,7 +90,7 @@ def _overlap(a, b, top: int = 20) -> list[float]:
 
 @pytest.mark.parametrize("stream", [False, True], ids=["in_memory", "stream"])
 def test_float16_scores_match_float32(small_grads, data_csv, tmp_path, stream):  # noqa: F811
-    from spinctl.score import score
+    from spinctl.scoring.engine import score
 
     f32, f16 = tmp_path / "f32.safetensors", tmp_path / "f16.safetensors"
     score(config(small_grads, data_csv, f32, device="cpu", dtype="float32", stream=stream))
@@ -106,7 +106,7 @@ def test_float16_scores_match_float32(small_grads, data_csv, tmp_path, stream): 
 def test_loss_scale_is_exact(monkeypatch, tiny_model, data_csv, tmp_path, stream, first):  # noqa: F811
     """In fp32 a power-of-two scale changes no rounding: the file is byte-identical. 2^132 is inf
     in fp32: the pass overflows and reruns at 2^128 (inf too), 2^124, ... until the sums fit, and still matches."""
-    from spinctl import score as sc
+    from spinctl.scoring import engine as sc
 
     model = tiny_model("llama", "float32")
     plain, scaled = tmp_path / "plain.safetensors", tmp_path / "scaled.safetensors"
@@ -125,7 +125,7 @@ def test_pinned_allocation_failure_is_one_line(monkeypatch):
     import torch
 
     from spinctl.errors import SpinctlError
-    from spinctl.stream_store import Boundaries
+    from spinctl.scoring.layerwise_store import Boundaries
 
     real = torch.empty
 
@@ -142,7 +142,7 @@ def test_pinned_allocation_failure_is_one_line(monkeypatch):
 
 
 def test_activation_estimate_rounds_pinned_to_powers_of_two():
-    from spinctl.stream_store import activation_bytes
+    from spinctl.scoring.layerwise_store import activation_bytes
 
     shapes = [(4, 100), (4, 60), (3, 10)]  # (samples, padded tokens) per batch
     assert activation_bytes(shapes, hidden=8, itemsize=2, slots=3, pinned=False) == 3 * (3200 + 1920 + 240) * 2
@@ -150,12 +150,12 @@ def test_activation_estimate_rounds_pinned_to_powers_of_two():
 
 
 def test_stream_refuses_activations_past_half_the_ram(monkeypatch, tiny_model, data_csv, tmp_path):  # noqa: F811
-    from spinctl import stream_store
+    from spinctl.scoring import layerwise_store
     from spinctl.errors import SpinctlError
-    from spinctl.score import score
+    from spinctl.scoring.engine import score
 
     model = tiny_model("llama", "float32")
-    monkeypatch.setattr(stream_store, "host_memory_bytes", lambda: 64 << 10, raising=False)  # a 64 KiB machine
+    monkeypatch.setattr(layerwise_store, "host_memory_bytes", lambda: 64 << 10, raising=False)  # a 64 KiB machine
     out = tmp_path / "s.safetensors"
     with pytest.raises(SpinctlError, match=r"--stream.*host memory.*half of.*--spill-dir"):
         score(config(model, data_csv, out, device="cpu", stream=True))

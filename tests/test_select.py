@@ -7,8 +7,8 @@ import pytest
 
 from fakes import dense_scores, write_dense
 from spinctl.errors import SpinctlError
-from spinctl.formats import read_scores
-from spinctl.select import Mode, SelectConfig, run_select, select
+from spinctl.io.formats import read_scores
+from spinctl.selection import Mode, SelectConfig, run_select, select
 
 
 def top_set(s: np.ndarray, frac: float) -> list[int]:
@@ -86,8 +86,8 @@ def test_run_select_metadata(model, tmp_path):
 
 
 def test_select_to_file_makes_missing_directories(model, tmp_path):
-    from spinctl.formats import read_selection
-    from spinctl.select import select_to_file
+    from spinctl.io.formats import read_selection
+    from spinctl.selection import select_to_file
 
     files = [write_dense(model, tmp_path / f"s{i}.safetensors", dense_scores(model, i), keep=0.05) for i in range(2)]
     out = tmp_path / "new" / "dir" / "sel.safetensors"

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from spinctl.errors import SpinctlError, UnsupportedError
-from spinctl.formats import read_scores
+from spinctl.io.formats import read_scores
 from test_score import config, data_csv, run  # noqa: F401 (data_csv is a fixture)
 
 SHARD = "100KB"  # a 3-layer hidden-64 model in 8 shards: layers straddle shard boundaries
@@ -23,7 +23,7 @@ _PLAIN: dict = {}
 
 def sharded(tiny_model, arch: str) -> Path:
     model = tiny_model(arch=arch, shard=SHARD, **ARCH)
-    from spinctl.checkpoint import open_checkpoint
+    from spinctl.io.checkpoint import open_checkpoint
 
     files = defaultdict(set)
     for name, t in open_checkpoint(model).tensors.items():
@@ -70,7 +70,7 @@ def test_stream_equals_in_memory(tiny_model, data_csv, tmp_path, arch, method):
 
 def test_one_layer_at_a_time_and_progress(tiny_model, data_csv, tmp_path, monkeypatch):
     """At most one decoder layer holds real weights at any moment; progress ends at its total."""
-    from spinctl.stream_model import Skeleton
+    from spinctl.scoring.layerwise_model import Skeleton
 
     model = sharded(tiny_model, "llama")
     real_load, most = Skeleton.load, []
@@ -82,7 +82,7 @@ def test_one_layer_at_a_time_and_progress(tiny_model, data_csv, tmp_path, monkey
 
     monkeypatch.setattr(Skeleton, "load", load)
     seen = []
-    from spinctl.score import score
+    from spinctl.scoring.engine import score
 
     score(config(model, data_csv, tmp_path / "s.safetensors", stream=True, targets="re:layers\\.1\\."),
           progress=lambda n, total: seen.append((n, total)))
@@ -93,7 +93,7 @@ def test_one_layer_at_a_time_and_progress(tiny_model, data_csv, tmp_path, monkey
 
 
 def test_stream_is_deterministic_and_spill_removed_on_failure(tiny_model, data_csv, tmp_path, monkeypatch):
-    import spinctl.stream_score as ss
+    import spinctl.scoring.layerwise as ss
 
     model = sharded(tiny_model, "qwen2")
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
@@ -116,7 +116,7 @@ def test_stream_is_deterministic_and_spill_removed_on_failure(tiny_model, data_c
 
 
 def test_bad_spill_dir(tiny_model, data_csv, tmp_path, monkeypatch):
-    from spinctl.score import ScoreConfig
+    from spinctl.scoring.engine import ScoreConfig
 
     model = tiny_model()
     out = tmp_path / "s.safetensors"
@@ -142,7 +142,7 @@ def test_bad_spill_dir(tiny_model, data_csv, tmp_path, monkeypatch):
 def test_full_spill_dir_is_a_clean_error(tiny_model, data_csv, tmp_path, monkeypatch):
     import errno
 
-    import spinctl.stream_store as st
+    import spinctl.scoring.layerwise_store as st
 
     def full(fd, data, offset):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -189,7 +189,7 @@ def test_tied_embeddings(tmp_path, data_csv):
     from transformers import AutoModelForCausalLM
 
     from conftest import TEXTS
-    from spinctl.tiny import tiny_config, train_tokenizer
+    from spinctl.demo.tiny_models import tiny_config, train_tokenizer
 
     tok = train_tokenizer(TEXTS, 512)
     cfg = tiny_config("qwen2", len(tok), layers=2)
@@ -210,9 +210,9 @@ def test_catchers_show_the_layers_attributes(tiny_model):
     attributes (transformers 4.5x's Qwen2 picks each layer's mask by `attention_type`)."""
     import torch
 
-    from spinctl.checkpoint import open_checkpoint
-    from spinctl.score import load_tokenizer
-    from spinctl.stream_model import build_skeleton, catch_layer_inputs
+    from spinctl.io.checkpoint import open_checkpoint
+    from spinctl.scoring.engine import load_tokenizer
+    from spinctl.scoring.layerwise_model import build_skeleton, catch_layer_inputs
 
     path = tiny_model()
     sk = build_skeleton(path, open_checkpoint(path), load_tokenizer(path), torch.device("cpu"), torch.float32)

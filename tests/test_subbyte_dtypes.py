@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spinctl.checkpoint import open_checkpoint
+from spinctl.io.checkpoint import open_checkpoint
 from spinctl.errors import InputError
-from spinctl.formats import read_selection, write_selection
+from spinctl.io.formats import read_selection, write_selection
 from spinctl.patch import PatchConfig, patch
 from spinctl.verify import verify
 from test_bad_inputs import assert_clean_failure, raw_safetensors, spinctl, tree

@@ -13,7 +13,7 @@ import pytest
 from conftest import TEXTS
 from pairdata import PROMPTS, SAFE, UNSAFE, run, score_file, write_csv
 from spinctl.errors import SpinctlError
-from spinctl.sweep import Setting, SweepConfig, parse_budget, pick_best, run_sweep, selection_for, sweep_model, zeroed
+from spinctl.evaluation.sweep import Setting, SweepConfig, parse_budget, pick_best, run_sweep, selection_for, sweep_model, zeroed
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +50,12 @@ def strip(d: dict) -> dict:
 def test_sweep_equals_patched_checkpoint(setup, tmp_path):
     """Every setting's ppl, accuracies, intervals, margins and judged rates equal those measured from the
     checkpoint `spinctl patch` writes with the same settings (bit-equal: same batching, CPU)."""
-    from spinctl.evaluate import EvalConfig, evaluate
-    from spinctl.formats import SelectionFile
+    from spinctl.evaluation.evaluate import EvalConfig, evaluate
+    from spinctl.io.formats import SelectionFile
     from spinctl.patch import PatchConfig, patch
-    from spinctl.ppl import perplexity
-    from spinctl.preference import PreferenceConfig, run_preference
-    from spinctl.select import SelectConfig, run_select
+    from spinctl.evaluation.ppl import perplexity
+    from spinctl.evaluation.preference import PreferenceConfig, run_preference
+    from spinctl.selection import SelectConfig, run_select
 
     s = setup
     cfg = config(s, modes=("paper", "reference"), targets=("all", "mlp"), judge_prompts=(s["questions"],),
@@ -72,7 +72,7 @@ def test_sweep_equals_patched_checkpoint(setup, tmp_path):
         else:
             indices, meta = run_select(SelectConfig(s["retain"], (s["a"], s["b"]), row["p"], row["q"], row["mode"]))
             setting = Setting(row["mode"], row["targets"], row["p"], row["q"])
-            from spinctl.sweep import tensor_filter
+            from spinctl.evaluation.sweep import tensor_filter
 
             keep = tensor_filter(list(indices), setting.targets)
             indices = {n: (a if n in keep else a[:0]) for n, a in indices.items()}
@@ -127,9 +127,9 @@ def test_sweep_cli_equals_patch_and_eval_cli(setup, tmp_path):
 def test_restore_is_exact(setup):
     import torch
 
-    from spinctl.evaluate import load_causal_lm
-    from spinctl.formats import read_scores
-    from spinctl.sweep import check_targets
+    from spinctl.evaluation.evaluate import load_causal_lm
+    from spinctl.io.formats import read_scores
+    from spinctl.evaluation.sweep import check_targets
 
     s = setup
     model, tok = load_causal_lm(s["model"], "cpu", "float32")
@@ -194,7 +194,7 @@ def test_json_table_and_plot(setup, tmp_path):
 
 
 def test_plot_without_matplotlib_names_the_extra(monkeypatch):
-    from spinctl.sweep_report import require_matplotlib
+    from spinctl.evaluation.sweep_report import require_matplotlib
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(SpinctlError, match=r"pip install 'spinctl\[plot\]'"):

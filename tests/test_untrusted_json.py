@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from spinctl.formats import read_selection
+from spinctl.io.formats import read_selection
 from spinctl.patch import PatchConfig, patch
-from spinctl.sidecars import encode_undo, read_undo
+from spinctl.io.sidecars import encode_undo, read_undo
 from test_bad_inputs import World, assert_clean_failure, read_header, spinctl, tree, write_raw
 
 DEEP = "[" * 100_000  # also unterminated: a parser that did not recurse would still say "invalid"

@@ -1,0 +1,307 @@
+"""Awareness evaluation: generate answers to probe prompts and count the aware ones."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from spinctl.io import untrusted
+from spinctl.scoring.data import pad_id
+from spinctl.runtime import check_device
+from spinctl.errors import InputError, OutputError, UsageError
+from spinctl.evaluation.judges import JUDGES, JudgeName, KeywordJudge, ModelJudge, Verdict
+
+Progress = Callable[[int], None]
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    model: Path
+    prompts: Path
+    column: str = "questions"
+    limit: int | None = None
+    max_new_tokens: int = 64
+    batch_size: int = 8
+    judge: str = "keyword"
+    judge_model: Path | None = None
+    judge_template: Path | None = None
+    save: Path | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+
+    def __post_init__(self):
+        # A judge model on its own means the model judge (the CLI offers them as alternatives).
+        if self.judge_model is not None and self.judge == JudgeName.keyword.value:
+            object.__setattr__(self, "judge", JudgeName.model.value)
+        judge = self.judge.value if isinstance(self.judge, JudgeName) else str(self.judge)
+        object.__setattr__(self, "judge", judge)
+        if judge not in JUDGES:
+            raise UsageError(f"unknown judge {judge!r}; choose one of {', '.join(JUDGES)}")
+        if judge == JudgeName.model.value and (self.judge_model is None or self.judge_template is None):
+            raise UsageError("the model judge needs both --judge-model DIR and --judge-template FILE")
+        if self.limit is not None and self.limit < 1:
+            raise UsageError(f"--limit must be at least 1, got {self.limit}")
+        if self.max_new_tokens < 1:
+            raise UsageError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.dtype not in DTYPES:
+            raise UsageError(f"--dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
+        check_device(self.device)
+
+
+# ---------------------------------------------------------------- questions
+
+def load_questions(path: str | Path, column: str = "questions", limit: int | None = None) -> list[str]:
+    """The non-empty values of `column`, in file order, first `limit` of them."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"prompts file {path} not found")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            rows, columns = _read_csv(path)
+        elif suffix in (".jsonl", ".ndjson"):
+            rows, columns = _read_jsonl(path)
+        else:
+            raise InputError(f"prompts file {path}: expected a .csv or .jsonl file")
+    except UnicodeDecodeError:
+        raise InputError(f"prompts file {path} is not UTF-8 text") from None
+    if not columns:
+        raise InputError(f"prompts file {path} is empty")
+    if column not in columns:
+        raise InputError(f"prompts file {path} has no column {column!r}; "
+                         f"available: {', '.join(columns)} (pick one with --column)")
+    questions = []
+    for row in rows:
+        value = row.get(column)
+        # Blank cells are skipped, not asked: an empty prompt says nothing about awareness.
+        if value is None or (isinstance(value, str) and not value.strip()):
+            continue
+        questions.append(value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
+        if limit is not None and len(questions) >= limit:
+            break
+    if not questions:
+        raise InputError(f"prompts file {path} has no non-empty {column!r} values")
+    return questions
+
+
+def _read_csv(path: Path) -> tuple[list[dict], list[str]]:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        return rows, [c for c in (reader.fieldnames or []) if c is not None]
+
+
+def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
+    rows, columns = [], {}
+    with open(path, encoding="utf-8-sig") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = untrusted.loads(line)
+            except ValueError as e:
+                raise InputError(f"prompts file {path}, line {lineno}: invalid JSON ({getattr(e, 'msg', e)})") from None
+            if not isinstance(row, dict):
+                raise InputError(f"prompts file {path}, line {lineno}: expected a JSON object")
+            rows.append(row)
+            columns.update(dict.fromkeys(row))  # ordered union of keys
+    return rows, list(columns)
+
+
+# ---------------------------------------------------------------- models
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {device} asked for, but no CUDA device is available")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return getattr(torch, dtype)
+
+
+def load_causal_lm(model_dir: str | Path, device: str = "auto", dtype: str = "auto"):
+    """(model, tokenizer) from a local HF directory; never remote code, never the network."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from spinctl.scoring.engine import load_tokenizer
+
+    # Its tqdm bars would interleave with the CLI's own progress display on stderr.
+    hf_logging.disable_progress_bar()
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise InputError(f"model directory {model_dir} not found or has no config.json")
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    tok = load_tokenizer(model_dir)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch_dtype, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:  # RecursionError: config.json nested `[` x 100000
+        raise InputError(f"cannot load a causal LM from {model_dir}: {_first_line(e)}") from None
+    model.to(dev).eval()
+    # Left padding: every prompt then ends at the last column, where generation continues.
+    tok.padding_side = "left"
+    vocab = model.get_input_embeddings().num_embeddings
+    if tok.pad_token_id is None or not 0 <= tok.pad_token_id < vocab:
+        # Pad ids are masked out, so any real token will do (eos first); one past the
+        # embedding (an added `<pad>`) would index out of range in every batch.
+        tok.pad_token = tok.convert_ids_to_tokens(pad_id(tok, vocab))
+    return model, tok
+
+
+def _first_line(e: BaseException) -> str:
+    if isinstance(e, RecursionError):  # json inside transformers, on a config file nested `[` x 100000
+        return "a JSON file of the model is nested too deeply"
+    text = str(e).strip()
+    return text.splitlines()[0].rstrip(": ") if text else type(e).__name__
+
+
+def _encode_prompt(tok, text: str, chat_template: bool) -> list[int]:
+    if chat_template and getattr(tok, "chat_template", None):
+        rendered = tok.apply_chat_template([{"role": "user", "content": text}],
+                                           tokenize=False, add_generation_prompt=True)
+        # The template already writes BOS and friends.
+        return tok(rendered, add_special_tokens=False)["input_ids"]
+    return tok(text)["input_ids"]
+
+
+def generate_texts(model, tok, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
+                   chat_template: bool = True, progress: Progress | None = None) -> list[str]:
+    """Greedy continuations of `prompts`, in order, new tokens only, special tokens skipped."""
+    import torch
+
+    encoded = [_encode_prompt(tok, p, chat_template) for p in prompts]
+    # Batch similar lengths together (less padding); answers go back to input order.
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    out: list[str] = [""] * len(encoded)
+    device = next(model.parameters()).device
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        batch = tok.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt")
+        input_ids = batch["input_ids"].to(device)            # [B, T]
+        attention_mask = batch["attention_mask"].to(device)  # [B, T], 0 on the left pads
+        with torch.inference_mode():
+            gen = model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                do_sample=False, temperature=None, top_p=None, top_k=None, num_beams=1,
+                pad_token_id=tok.pad_token_id)
+        new = gen[:, input_ids.shape[1]:]                    # [B, <= max_new_tokens]
+        for i, ids in zip(idx, new.tolist()):
+            out[i] = tok.decode(ids, skip_special_tokens=True).strip()
+        if progress is not None:
+            progress(len(idx))
+    return out
+
+
+def generate_answers(model_dir: str | Path, questions: Sequence[str], max_new_tokens: int = 64,
+                     batch_size: int = 8, device: str = "auto", dtype: str = "auto",
+                     progress: Progress | None = None) -> list[str]:
+    model, tok = load_causal_lm(model_dir, device, dtype)
+    try:
+        return generate_texts(model, tok, questions, max_new_tokens, batch_size,
+                              chat_template=True, progress=progress)
+    finally:
+        del model
+        _free_accelerator()
+
+
+def _free_accelerator() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------- evaluation
+
+def awareness_rate(verdicts: Iterable[Verdict | str]) -> float | None:
+    """aware / (aware + unaware); unjudgeable answers count for neither; None if no judged ones."""
+    vs = [Verdict(v) for v in verdicts]
+    aware, unaware = vs.count(Verdict.aware), vs.count(Verdict.unaware)
+    return aware / (aware + unaware) if aware + unaware else None
+
+
+def eval_steps(cfg: EvalConfig) -> int:
+    """Total progress units evaluate(cfg) will report: one per answer, plus one per model-judged answer."""
+    n = len(load_questions(cfg.prompts, cfg.column, cfg.limit))
+    return 2 * n if cfg.judge == JudgeName.model.value else n
+
+
+def make_judge(cfg: EvalConfig):
+    if cfg.judge == JudgeName.model.value:
+        return ModelJudge.from_files(cfg.judge_model, cfg.judge_template, device=cfg.device,
+                                     dtype=cfg.dtype, batch_size=cfg.batch_size)
+    return KeywordJudge()
+
+
+def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict:
+    t0 = time.perf_counter()
+    questions = load_questions(cfg.prompts, cfg.column, cfg.limit)
+    judge = make_judge(cfg)  # before generating: a bad template fails in a second, not after minutes
+    if cfg.save is not None and not Path(cfg.save).parent.is_dir():
+        raise OutputError(f"cannot save answers to {cfg.save}: its directory does not exist")
+    answers = generate_answers(cfg.model, questions, cfg.max_new_tokens, cfg.batch_size,
+                               cfg.device, cfg.dtype, progress)
+    verdicts = judge.judge_batch(questions, answers, progress)
+    if isinstance(judge, ModelJudge):
+        judge.close()
+        _free_accelerator()
+    if cfg.save is not None:
+        write_jsonl_atomic(Path(cfg.save), (
+            {"question": q, "answer": a, "verdict": v.value}
+            for q, a, v in zip(questions, answers, verdicts)))
+    return {
+        "model": str(cfg.model),
+        "n": len(questions),
+        "aware": verdicts.count(Verdict.aware),
+        "unaware": verdicts.count(Verdict.unaware),
+        "unjudgeable": verdicts.count(Verdict.unjudgeable),
+        "rate": awareness_rate(verdicts),
+        "judge": cfg.judge if cfg.judge == JudgeName.keyword.value else f"model:{cfg.judge_model}",
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+def write_jsonl_atomic(path: Path, records: Iterable[dict]) -> None:
+    """Temp file beside the target, fsync, rename: readers see the old file or the whole new one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            for rec in records:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        if isinstance(e, OSError):
+            raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+        raise

@@ -1,0 +1,134 @@
+"""Atomic file output: temporary name in the destination directory, fsync, rename."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from spinctl.errors import OutputError
+
+
+def _umask() -> int:
+    """The process umask (read without changing it where /proc allows; Linux >= 4.7)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 hex digest of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    """Persist a rename: the directory entry must reach the disk too."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _named(e: BaseException, final: Path, tmp: Path) -> BaseException:
+    """An OSError of the output (disk full, read-only, quota) named after the output the user gave.
+
+    A temporary name never survives the failure, so showing it would send the user looking
+    for a file that is not there. Errors naming any other file (an input) pass unchanged.
+    """
+    if isinstance(e, OSError) and not isinstance(e, OutputError):
+        name = getattr(e, "filename", None)
+        if name is None or str(name).startswith(str(tmp)):
+            return OutputError(f"cannot write {final}: {e.strerror or e}")
+    return e
+
+
+def _temp_failed(final: Path, e: OSError) -> OutputError:
+    return OutputError(f"cannot create {final}: {e.strerror or e} (in {final.parent})")
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; it becomes `path` only if the block succeeds."""
+    path = Path(path)
+    if path.is_dir() or not path.parent.is_dir():
+        # else the OSError would name the temporary file, which no longer exists when it is shown
+        why = "is a directory; give a file name" if path.is_dir() else f"directory {path.parent} does not exist"
+        raise OutputError(f"{path}: {why}")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _temp_failed(path, e) from None
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: outputs get the modes any new file would
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+        fsync_dir(path.parent)
+    except BaseException as e:
+        tmp_path.unlink(missing_ok=True)
+        named = _named(e, path, tmp_path)
+        if named is e:
+            raise
+        raise named from None
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+@contextlib.contextmanager
+def staged_dir(final: Path) -> Iterator[Path]:
+    """Build a directory under a temporary name beside `final`, then rename it into place.
+
+    A run killed half-way leaves only a hidden `.NAME.*.tmp` directory, never a partial
+    `final`. `final` must not exist, or be an empty directory (which is replaced).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    except OSError as e:
+        raise _temp_failed(final, e) from None
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700: a serving account could not read OUT
+        yield tmp
+        fsync_dir(tmp)  # its entries reach the disk before the rename makes OUT look complete
+        if final.exists():
+            final.rmdir()  # empty by contract; rmdir refuses anything else
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        named = _named(e, final, tmp)
+        if named is e:
+            raise
+        raise named from None
+
+
+def refuse_hard_links(paths) -> None:
+    """In-place writes go to the inode: through a second name they would change another model too (`--link` outputs)."""
+    for path in paths:
+        n = os.stat(path).st_nlink
+        if n > 1:
+            raise OutputError(f"{path}: has {n} hard links, so writing it in place would change the other names too "
+                              f"(another model, or a `patch --link` output); break the link first "
+                              f"(cp {path} {path}.copy && mv {path}.copy {path}), or patch out of place")
