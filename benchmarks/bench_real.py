@@ -48,7 +48,8 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 def ensure_scores(model: Path, data_dir: Path, out: Path, nsamples: int, method: str, log) -> dict[str, Path]:
     """dataset -> score file of `method`; each scored once and reused (score files are deterministic)."""
-    from spinctl.scoring.engine import ScoreConfig, score
+    from spinctl.config import ScoreConfig
+    from spinctl.scoring.engine import score
 
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
@@ -147,7 +148,8 @@ def main() -> None:
     log = lambda s: print(f"· {s}", file=sys.stderr, flush=True)  # noqa: E731
 
     from spinctl.evaluation import sweep
-    from spinctl.evaluation.evaluate import load_causal_lm, load_questions
+    from spinctl.evaluation.evaluate import load_questions
+    from spinctl.runtime import load_causal_lm
     from spinctl.sources.fetch import fetch_model
 
     t0 = time.perf_counter()

@@ -102,7 +102,7 @@ def cpu_flow(args, shape: dict, work: Path) -> None:
     _, tok = build_model(model_dir, shape, args.data_dir, "cpu", "float32")
     out = work / "scores.safetensors"
     opts = dict(nsamples=shape["rows"], keep=args.keep, device="cpu", method="snip")
-    code = ("import json,sys; from spinctl.scoring.engine import ScoreConfig, score; "
+    code = ("import json,sys; from spinctl.config import ScoreConfig; from spinctl.scoring.engine import score; "
             f"print(json.dumps(score(ScoreConfig(model=sys.argv[1], data=sys.argv[2], output=sys.argv[3], **{opts!r}))))")
     lib_s, summary = timed_process([sys.executable, "-c", code, str(model_dir), str(args.data), str(out)], args.repeat)
     emit(shape=args.shape, what="spinctl_library", seconds=round(lib_s, 2), repeat=args.repeat, summary=summary)
@@ -136,7 +136,9 @@ def device_flow(args, shape: dict, work: Path) -> None:
     import torch
 
     from reference_loop import reference_loop
-    from spinctl.scoring.engine import LoadedModel, ScoreConfig, score
+    from spinctl.config import ScoreConfig
+    from spinctl.runtime import LoadedModel
+    from spinctl.scoring.engine import score
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.shape == "llama2-7b" and not device.startswith("cuda"):

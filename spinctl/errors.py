@@ -23,3 +23,11 @@ class UsageError(InputError):
 
 class BusyError(SpinctlError):
     """Another spinctl process holds the model's lock."""
+
+
+def one_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none), for one-line errors."""
+    if isinstance(e, RecursionError):  # json inside transformers, on a config or tokenizer file nested `[` x 100000
+        return "a JSON file of the model is nested too deeply"
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from spinctl import __version__
+from spinctl.config import PatchConfig
 from spinctl.io.checkpoint import Checkpoint, Shard, is_reserved, open_checkpoint
-from spinctl.errors import InputError, OutputError, SpinctlError
+from spinctl.errors import InputError, OutputError
 from spinctl.io.formats import SelectionFile
 from spinctl.io.files import refuse_hard_links
 from spinctl.io.lock import ModelLock
@@ -22,24 +23,6 @@ from spinctl.io.sidecars import (MANIFEST, UNDO, UndoEntry, check_undo, file_sha
                        write_manifest, write_undo)
 from spinctl.io.edits import Edits, copy_then_pwrite, file_edits, read_ranges, stream, tensor_ranges, write_in_place
 from spinctl.io.testpoint import pause
-
-
-@dataclass(frozen=True)
-class PatchConfig:
-    model: Path
-    output: Path | None = None  # None with in_place
-    in_place: bool = False
-    dry_run: bool = False
-    link: bool = False
-    no_hash: bool = False
-    force: bool = False
-    wait: bool = False  # block on another spinctl's lock instead of failing
-
-    def __post_init__(self):
-        if self.in_place == (self.output is not None):
-            raise SpinctlError("give either an output directory or --in-place, not both or neither")
-        if self.in_place and self.link:
-            raise SpinctlError("--link only applies to out-of-place patching")
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 import json
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ from spinctl.scoring import distributed
 from spinctl.io.checkpoint import open_checkpoint
 from spinctl.errors import OutputError
 from spinctl.io.formats import FORMAT, read_selection, write_selection
+from spinctl.config import values
 from spinctl.runconfig import RunConfig
 
 Log = Callable[[str], None]
@@ -26,19 +28,16 @@ def cache_key(ck, dataset_sha256: str, options: dict) -> str:
 
 
 def _score_options(cfg: RunConfig) -> dict:
-    from spinctl.scoring.engine import ScoreConfig
-
-    # Resolved through the dataclass, so a default written out and one left implicit share a key.
-    probe = ScoreConfig(model=cfg.model, data="", output=Path("x"), **cfg.score)
+    # From the typed section, so a default written out and one left implicit share a key.
     # stream and spill_dir change where memory goes, not the scores: they stay out of the key.
-    return {k: getattr(probe, k) for k in probe.__dataclass_fields__
-            if k not in ("model", "data", "output", "stream", "spill_dir")}
+    return {k: v for k, v in values(cfg.score).items() if k not in ("stream", "spill_dir")}
 
 
 def score_all(cfg: RunConfig, log: Log) -> list[dict]:
     """One score file per dataset, from the cache when the same inputs were scored before."""
     from spinctl.scoring.data import read_rows
-    from spinctl.scoring.engine import ScoreConfig, load_model, score
+    from spinctl.runtime import load_model
+    from spinctl.scoring.engine import score
 
     ck = open_checkpoint(cfg.model)
     options = _score_options(cfg)
@@ -52,8 +51,9 @@ def score_all(cfg: RunConfig, log: Log) -> list[dict]:
             log(f"scores for {data}: cached ({file.name})")
             out.append({"data": data, "file": str(file), "cached": True})
             continue
-        sc = ScoreConfig(model=cfg.model, data=data, output=file, **cfg.score)
-        loaded = loaded or load_model(sc)  # one load for all datasets
+        sc = replace(cfg.score, data=data, output=file)
+        if not sc.stream:  # one load for all datasets; --stream reads one layer at a time instead
+            loaded = loaded or load_model(sc.model, sc.device, sc.dtype, sc.trust_remote_code)
         log(f"scoring {data} ({sc.method.value}, {sc.nsamples} samples)")
         summary = score(sc, loaded=loaded)
         out.append({"data": data, "file": str(file), "cached": False, "seconds": summary["seconds"]})
@@ -61,8 +61,8 @@ def score_all(cfg: RunConfig, log: Log) -> list[dict]:
 
 
 def run(cfg: RunConfig, log: Log = lambda s: None) -> dict:
-    from spinctl.patch import PatchConfig, check_output_dir, patch
-    from spinctl.selection import Mode, SelectConfig, run_select
+    from spinctl.patch import check_output_dir, patch
+    from spinctl.selection import run_select
     from spinctl.verify import verify
 
     seconds: dict[str, float] = {}
@@ -76,19 +76,15 @@ def run(cfg: RunConfig, log: Log = lambda s: None) -> dict:
         return {"rank": ctx.rank, "scores": scores}
 
     t = time.perf_counter()
-    sel_cfg = SelectConfig(Path(scores[0]["file"]), tuple(Path(s["file"]) for s in scores[1:]),
-                           float(cfg.select.get("p", 5e-7)), float(cfg.select.get("q", 5e-7)),
-                           Mode(cfg.select.get("mode", "paper")))
-    selected, meta = run_select(sel_cfg)
+    selected, meta = run_select(replace(cfg.select, retain=Path(scores[0]["file"]),
+                                        couple=tuple(Path(s["file"]) for s in scores[1:])))
     sel_file = cfg.cache_dir / f"selection-{hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:32]}.safetensors"
     write_selection(sel_file, selected, meta)
     seconds["select"] = time.perf_counter() - t
     log(f"selected {sum(len(a) for a in selected.values())} weights (mode {meta['mode']}, p {meta['p']}, q {meta['q']})")
 
     t = time.perf_counter()
-    pcfg = PatchConfig(cfg.model, cfg.output, in_place=cfg.output is None, link=bool(cfg.patch.get("link")),
-                       no_hash=bool(cfg.patch.get("no_hash")))
-    manifest = patch(pcfg, read_selection(sel_file))
+    manifest = patch(cfg.patch, read_selection(sel_file))
     seconds["patch"] = time.perf_counter() - t
     target = Path(manifest["output"])
 
@@ -114,22 +110,15 @@ def run(cfg: RunConfig, log: Log = lambda s: None) -> dict:
 
 def evaluate_both(cfg: RunConfig, patched: Path, log: Log) -> list[dict]:
     """Awareness of the original and the patched model on each prompt set (original skipped when patched in place)."""
+    from spinctl.evaluation.evaluate import evaluate
     from spinctl.scoring.data import resolve
-    from spinctl.evaluation.evaluate import EvalConfig, evaluate
 
-    ev = dict(cfg.eval)
-    prompts = ev.pop("prompts")
-    opts = {k: v for k, v in ev.items() if v is not None}
-    for k in ("judge_model", "judge_template"):
-        if k in opts:
-            opts[k] = Path(opts[k])
-    device = cfg.score.get("device", "auto")
     out = []
-    for p in prompts:
+    for p in cfg.eval_prompts:
         row = {"prompts": p}
         models = {"patched": patched} if cfg.output is None else {"original": cfg.model, "patched": patched}
         for label, model in models.items():
             log(f"evaluating the {label} model on {p}")
-            row[label] = evaluate(EvalConfig(model=model, prompts=resolve(p), device=device, **opts))
+            row[label] = evaluate(replace(cfg.eval, model=model, prompts=resolve(p)))
         out.append(row)
     return out

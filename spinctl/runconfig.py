@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
+from spinctl.config import EvalConfig, OptionError, PatchConfig, ScoreConfig, SelectConfig, check_text, options, short
 from spinctl.errors import InputError
 
 # A spin.yaml holds tens of values. YAML aliases share nodes, so a few hundred bytes of nested
@@ -16,129 +16,21 @@ from spinctl.errors import InputError
 MAX_NODES = 100_000
 
 
-# ---- value checks: each returns the normalised value or raises ValueError(what is expected) ----
-
-def _text(v):
-    if isinstance(v, str) and v.strip():
-        return v
-    raise ValueError("must be a non-empty string")
-
-
-def _texts(v):
-    if isinstance(v, list) and v and all(isinstance(x, str) and x.strip() for x in v):
-        return v
-    raise ValueError("must be a non-empty list of file names (strings)")
-
-
-def _text_or_texts(v):
-    return [_text(v)] if isinstance(v, str) else _texts(v)
-
-
-def _flag(v):
-    if isinstance(v, bool):  # not 'false': a non-empty string is truthy, and in_place: 'false' patched in place
-        return v
-    raise ValueError("must be true or false (unquoted)")
-
-
-def _integer(low: int, none_ok: bool = False) -> Callable:
-    def check(v):
-        if none_ok and v is None:
-            return None
-        if isinstance(v, int) and not isinstance(v, bool) and v >= low:
-            return v
-        raise ValueError(f"must be an integer >= {low}" + (" (or null)" if none_ok else ""))
-    return check
-
-
-def _number(low: float, high: float, low_open: bool = False) -> Callable:
-    def check(v):
-        # PyYAML (YAML 1.1) reads 5e-7, without a dot, as a string: accept any finite decimal.
-        x = v
-        if isinstance(v, str):
-            try:
-                x = float(v)
-            except ValueError:
-                x = None
-        if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) \
-                and (low < x if low_open else low <= x) and x <= high:
-            return float(x)
-        raise ValueError(f"must be a number in {'(' if low_open else '['}{low:g}, {high:g}]")
-    return check
-
-
-def _choice(*values: str) -> Callable:
-    def check(v):
-        if isinstance(v, str) and v in values:
-            return v
-        raise ValueError(f"must be one of {', '.join(values)}")
-    return check
-
-
-def _batch(v):
-    return None if v in (None, "auto") else _integer(1)(v)  # `auto` (or null): the planner picks
-
-
-def _device(v):
-    from spinctl.runtime import FORMS, check_device
-
-    try:
-        return check_device(v)
-    except InputError:
-        raise ValueError(f"must be {FORMS}") from None
-
-
-def _targets(v):
-    from spinctl.scoring.targets import check_spec
-
-    if not isinstance(v, str):
-        raise ValueError("must be mlp, attn, all or re:REGEX")
-    try:
-        check_spec(v)
-    except InputError as e:
-        raise ValueError(str(e).removeprefix(f"--targets {v!r}: ")) from None
-    return v
-
-
-def _schema() -> dict[str, Any]:
-    """key -> check, or section -> {key -> check}. Built on use: the enums live in their stages' modules."""
-    from spinctl.evaluation.judges import JudgeName
-    from spinctl.scoring.methods import Method
-    from spinctl.scoring.engine import DTYPES
-    from spinctl.selection import Mode
-
-    return {
-        "model": _text, "output": _text, "cache_dir": _text, "retain": _text, "couple": _texts,
-        "score": {
-            "method": _choice(*(m.value for m in Method)), "nsamples": _integer(1), "seed": _integer(0),
-            "keep": _number(0, 1, low_open=True), "targets": _targets, "max_length": _integer(2),
-            "batch_size": _batch, "device": _device, "dtype": _choice(*DTYPES), "chat_template": _flag,
-            "prompt_column": _text, "response_column": _text, "stream": _flag, "spill_dir": _text,
-        },
-        "select": {"p": _number(0, 1), "q": _number(0, 1), "mode": _choice(*(m.value for m in Mode))},
-        "patch": {"in_place": _flag, "link": _flag, "no_hash": _flag},
-        "eval": {
-            "prompts": _text_or_texts, "column": _text, "judge": _choice(*(j.value for j in JudgeName)),
-            "judge_model": _text, "judge_template": _text, "limit": _integer(1, none_ok=True),
-            "max_new_tokens": _integer(1), "batch_size": _integer(1),
-        },
-    }
-
-
-SECTIONS = ("score", "select", "patch", "eval")
-REQUIRED = ("model", "retain", "couple")
-
-
 @dataclass(frozen=True)
 class RunConfig:
+    """A loaded spin.yaml. The sections are the stages' own configs; their inputs (data and score
+    files) are filled in by `spinctl run` as it goes."""
+
     model: Path
     output: Path | None  # None: patch in place
     cache_dir: Path
     retain: str  # path or builtin:NAME
     couple: tuple[str, ...]
-    score: dict = field(default_factory=dict)
-    select: dict = field(default_factory=dict)
-    patch: dict = field(default_factory=dict)
-    eval: dict | None = None
+    score: ScoreConfig
+    select: SelectConfig
+    patch: PatchConfig
+    eval: EvalConfig | None = None
+    eval_prompts: tuple[str, ...] = ()
 
 
 # ---- loading: safe, bounded ---------------------------------------------------------------
@@ -183,7 +75,29 @@ def parse_yaml(text: str, where: str):
         loader.dispose()
 
 
-# ---- checking -----------------------------------------------------------------------------
+# ---- checking: the schema is config.py's options ----------------------------------------------
+
+def _texts(v):
+    if isinstance(v, list) and v and all(isinstance(x, str) and x.strip() for x in v):
+        return v
+    raise ValueError("must be a non-empty list of file names (strings)")
+
+
+def _text_or_texts(v):
+    return [check_text(v)] if isinstance(v, str) else _texts(v)
+
+
+TOP = {"model": check_text, "output": check_text, "cache_dir": check_text, "retain": check_text, "couple": _texts}
+SECTIONS = {"score": ScoreConfig, "select": SelectConfig, "patch": PatchConfig, "eval": EvalConfig}
+INPUTS = {"eval": {"prompts": _text_or_texts}}  # section keys that are inputs of the run, not options
+REQUIRED = ("model", "retain", "couple")
+
+
+def section_checks(section: str) -> dict[str, Callable]:
+    """The keys of a spin.yaml section and their checks: every option config.py marks for YAML."""
+    checks = {f.name: f.metadata["opt"].check for f in options(SECTIONS[section]) if f.metadata["opt"].yaml}
+    return {**checks, **INPUTS.get(section, {})}
+
 
 def _check_keys(path: Path, where: str, given: dict, valid) -> None:
     for key in given:
@@ -191,41 +105,36 @@ def _check_keys(path: Path, where: str, given: dict, valid) -> None:
             raise InputError(f"{path}: unknown key {where}{key!r}; valid keys: {', '.join(sorted(map(str, valid)))}")
 
 
-def _short(v) -> str:
-    text = repr(v)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def _check_values(path: Path, data: dict) -> None:
-    """Every value against the schema, in place (normalised), naming the key: before any work starts."""
-    schema = _schema()
-    _check_keys(path, "", data, schema)
-    for key, check in schema.items():
-        if key not in data:
+    """Every value against its option's check, in place (normalised), naming the key: before any work starts."""
+    _check_keys(path, "", data, [*TOP, *SECTIONS])
+    items = [(key, data, key, check) for key, check in TOP.items() if key in data]
+    for section in SECTIONS:
+        if section not in data:
             continue
-        if isinstance(check, dict):
-            if data[key] is None:  # `score:` with nothing under it
-                data[key] = {}
-            if not isinstance(data[key], dict):
-                raise InputError(f"{path}: {key} must be a mapping of keys, got {_short(data[key])}")
-            _check_keys(path, f"{key}.", data[key], check)
-            items = [(f"{key}.{k}", data[key], k, check[k]) for k in data[key]]
-        else:
-            items = [(key, data, key, check)]
-        for name, parent, k, fn in items:
-            try:
-                parent[k] = fn(parent[k])
-            except ValueError as e:
-                raise InputError(f"{path}: {name} {e}, got {_short(parent[k])}") from None
-    score = data.get("score") or {}
-    if score.get("spill_dir") and not score.get("stream"):
-        raise InputError(f"{path}: score.spill_dir applies to score.stream: true only")
+        if data[section] is None:  # `score:` with nothing under it
+            data[section] = {}
+        if not isinstance(data[section], dict):
+            raise InputError(f"{path}: {section} must be a mapping of keys, got {short(data[section])}")
+        checks = section_checks(section)
+        _check_keys(path, f"{section}.", data[section], checks)
+        items += [(f"{section}.{k}", data[section], k, checks[k]) for k in data[section]]
+    for name, parent, k, fn in items:
+        try:
+            parent[k] = fn(parent[k])
+        except ValueError as e:
+            raise InputError(f"{path}: {name} {e}, got {short(parent[k])}") from None
     ev = data.get("eval")
-    if ev is not None:
-        if "prompts" not in ev:
-            raise InputError(f"{path}: eval.prompts is missing: give the prompt files to evaluate on")
-        if ev.get("judge") == "model" and not (ev.get("judge_model") and ev.get("judge_template")):
-            raise InputError(f"{path}: eval.judge model needs eval.judge_model and eval.judge_template")
+    if ev is not None and "prompts" not in ev:
+        raise InputError(f"{path}: eval.prompts is missing: give the prompt files to evaluate on")
+
+
+def _typed(path: Path, section: str, build: Callable):
+    """Build a section's config; a check across its options is re-worded with the YAML keys."""
+    try:
+        return build()
+    except OptionError as e:
+        raise InputError(f"{path}: {e.render(lambda name: f'{section}.{name}')}") from None
 
 
 def _set(data: dict, assignment: str, path: Path) -> None:
@@ -278,21 +187,25 @@ def load_run_config(path: Path, overrides: list[str] = ()) -> RunConfig:
     if not patch.get("in_place") and not data.get("output"):
         raise InputError(f"{path}: give output (a new directory), or patch.in_place: true")
     base = path.resolve().parent
+    for section in SECTIONS:  # paths in spin.yaml are relative to it
+        values = data.get(section) or {}
+        for f in options(SECTIONS[section]):
+            if f.metadata["opt"].relative and values.get(f.name) is not None:
+                values[f.name] = Path(_rel(base, str(values[f.name])))
+    model = _model(base, data["model"])
+    retain, couple = _rel(base, data["retain"]), tuple(_rel(base, c) for c in data["couple"])
     cache = data.get("cache_dir") or os.environ.get("SPINCTL_CACHE") or "~/.cache/spinctl"
-    score = dict(data.get("score") or {})
-    if score.get("spill_dir"):
-        score["spill_dir"] = Path(_rel(base, score["spill_dir"]))
-    ev = data.get("eval")
+    output = Path(_rel(base, data["output"])) if data.get("output") and not patch.get("in_place") else None
+    score = _typed(path, "score", lambda: ScoreConfig(model=model, data="", output=Path(), **(data.get("score") or {})))
+    ev, prompts = data.get("eval"), ()
     if ev is not None:
         ev = dict(ev)
-        ev["prompts"] = [_rel(base, p) for p in ev["prompts"]]
-        for k in ("judge_model", "judge_template"):
-            if ev.get(k):
-                ev[k] = _rel(base, ev[k])
+        prompts = tuple(_rel(base, p) for p in ev.pop("prompts"))
+        ev.setdefault("device", score.device)  # evaluate where scoring ran unless told otherwise
+        ev = _typed(path, "eval", lambda: EvalConfig(model=model, prompts=Path(prompts[0]), **ev))
     return RunConfig(
-        model=_model(base, data["model"]),
-        output=Path(_rel(base, data["output"])) if data.get("output") and not patch.get("in_place") else None,
-        cache_dir=Path(_rel(base, str(cache))), retain=_rel(base, data["retain"]),
-        couple=tuple(_rel(base, c) for c in data["couple"]), score=score,
-        select=dict(data.get("select") or {}), patch=patch, eval=ev,
+        model=model, output=output, cache_dir=Path(_rel(base, str(cache))), retain=retain, couple=couple, score=score,
+        select=_typed(path, "select", lambda: SelectConfig(Path(retain), tuple(map(Path, couple)),
+                                                             **(data.get("select") or {}))),
+        patch=_typed(path, "patch", lambda: PatchConfig(model, output, **patch)), eval=ev, eval_prompts=prompts,
     )

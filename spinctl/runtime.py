@@ -1,19 +1,29 @@
-"""--device strings: the accepted forms, checked before anything is loaded (torch is not imported here)."""
+"""Where a model runs and how it is loaded: --device and --dtype, the tokenizer, the causal LM.
+
+One loader for scoring, evaluation, perplexity and the sweep. torch and transformers are
+imported inside the functions: checking a --device string must not load them."""
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from spinctl.errors import UsageError
+from spinctl.errors import InputError, SpinctlError, UnsupportedError, UsageError, one_line
+from spinctl.io.checkpoint import open_checkpoint
+from spinctl.scoring import distributed
 
-FORMS = "auto, cpu, cuda or cuda:N"
-
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 def check_device(device: object, flag: str = "--device") -> str:
-    """The value itself when it is auto, cpu, cuda or cuda:N; torch.device("tpu") would raise deep inside the load."""
-    if not (isinstance(device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", device)):
-        raise UsageError(f"{flag} {device!r}: expected {FORMS}")
-    return device
+    """The value itself when it is auto, cpu, cuda or cuda:N (the check of config.py), else a usage error."""
+    from spinctl.config import DEVICES, check_device as valid
+
+    try:
+        return valid(device)
+    except ValueError:
+        raise UsageError(f"{flag} {device!r}: expected {DEVICES}") from None
 
 
 def check_rank_device(device: str, world_size: int, flag: str = "--device") -> None:
@@ -22,3 +32,114 @@ def check_rank_device(device: str, world_size: int, flag: str = "--device") -> N
     if world_size > 1 and re.fullmatch(r"cuda:\d+", device):
         raise UsageError(f"{flag} {device}: under torchrun ({world_size} ranks) every rank would use that one GPU; "
                          f"use --device cuda or auto (each rank takes cuda:LOCAL_RANK), or limit GPUs with CUDA_VISIBLE_DEVICES")
+
+
+@dataclass
+class LoadedModel:
+    """A model and tokenizer on their device: load once, score several datasets."""
+
+    path: Path
+    model: Any
+    tokenizer: Any
+    device: Any  # torch.device
+    dtype: Any  # torch.dtype
+
+
+def resolve_device(device: str):
+    """--device as a torch.device; under torchrun, auto (on a GPU machine) and cuda mean cuda:LOCAL_RANK."""
+    import torch
+
+    ctx = distributed.context()
+    if device == "auto":
+        if not (ctx.enabled and torch.cuda.is_available()):
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda"
+    if device == "cuda" and ctx.enabled:
+        device = f"cuda:{ctx.local_rank}"  # one GPU per rank: ranks sharing a GPU would contend for it
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UnsupportedError(f"--device {device}: CUDA is not available here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            per_node = "; start at most one rank per GPU (torchrun --nproc-per-node)" if ctx.enabled else ""
+            raise UnsupportedError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present{per_node}")
+    return dev
+
+
+def resolve_dtype(dtype: str, device):
+    import torch
+
+    return getattr(torch, dtype) if dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def check_model_dir(path: Path) -> None:
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise InputError(f"{path}: not a model directory (config.json, tokenizer files, safetensors weights)")
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError, ImportError, RecursionError) as e:
+        # Without its files transformers tries converters and names what they lack (protobuf, tiktoken)
+        found = any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
+        detail = one_line(e) if found else f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) found"
+        raise InputError(f"{path}: cannot load the tokenizer ({detail})") from None
+
+
+def load_model(path: Path, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False) -> LoadedModel:
+    """Offline load of a causal LM and its tokenizer onto `device`; remote code only when allowed.
+
+    Refuses a checkpoint that lacks weights the architecture needs (transformers would
+    initialise them at random) and one that does not fit the device."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    path = Path(path)
+    check_model_dir(path)
+    open_checkpoint(path)  # validates the safetensors headers before transformers reads them
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    opts = {"local_files_only": True, "trust_remote_code": trust_remote_code}
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # the caller draws its own progress on stderr
+    try:
+        # Loaded on the host, then moved: transformers needs `accelerate`, not a dependency of
+        # spinctl, for any device_map. --stream reads one layer at a time instead.
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, output_loading_info=True, **opts)
+    except (OSError, ValueError, KeyError, TypeError, ImportError, RuntimeError) as e:
+        raise UnsupportedError(f"{path}: cannot load as a causal language model ({one_line(e)})") from None
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+    lacking = [str(k[0] if isinstance(k, tuple) else k) for k in (*info.get("missing_keys", ()), *info.get("mismatched_keys", ()))]
+    if lacking:  # transformers would score randomly initialised weights in their place
+        raise UnsupportedError(f"{path}: the checkpoint lacks {len(lacking)} weight(s) the model needs "
+                               f"(e.g. {lacking[0]}); is it complete and of this architecture?")
+    model.requires_grad_(False)  # no weight gradients: only the per-sample ones the hooks form
+    model.eval()
+    try:
+        model.to(device)
+    except torch.cuda.OutOfMemoryError:
+        raise SpinctlError(f"{path}: the model does not fit in the memory of {device}; score it with --stream") from None
+    return LoadedModel(path, model, tokenizer, device, torch_dtype)
+
+
+def load_causal_lm(model_dir: str | Path, device: str = "auto", dtype: str = "auto"):
+    """(model, tokenizer) ready for batched generation and scoring of texts: left padding and a
+    pad token inside the embedding. Never remote code, never the network."""
+    from spinctl.scoring.data import pad_id
+
+    loaded = load_model(Path(model_dir), device, dtype)
+    tok = loaded.tokenizer
+    tok.padding_side = "left"  # every prompt then ends at the last column, where generation continues
+    vocab = loaded.model.get_input_embeddings().num_embeddings
+    if tok.pad_token_id is None or not 0 <= tok.pad_token_id < vocab:
+        # Pad ids are masked out, so any real token will do (eos first); one past the
+        # embedding (an added `<pad>`) would index out of range in every batch.
+        tok.pad_token = tok.convert_ids_to_tokens(pad_id(tok, vocab))
+    return loaded.model, tok

@@ -3,38 +3,14 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 
 import numpy as np
 
-from spinctl.errors import InputError, OutputError, SpinctlError, UsageError
+from spinctl.config import Mode, SelectConfig
+from spinctl.errors import InputError, OutputError
 from spinctl.io.formats import ScoreFile, read_scores, top_count, write_selection
 from spinctl.io.files import file_sha256
-
-
-class Mode(str, Enum):
-    paper = "paper"  # (∩ top_q(C_i)) \ top_p(R)
-    reference = "reference"  # the official code's positional AND, for reproducing its numbers
-
-
-@dataclass(frozen=True)
-class SelectConfig:
-    retain: Path
-    couple: tuple[Path, ...]
-    p: float
-    q: float
-    mode: Mode = Mode.paper
-
-    def __post_init__(self):
-        if not self.couple:
-            raise SpinctlError("give at least one --couple score file")
-        if self.mode is Mode.reference and len(self.couple) != 2:
-            raise SpinctlError(f"mode reference takes exactly two --couple files (privacy, then fairness), got {len(self.couple)}")
-        for name, v in (("p", self.p), ("q", self.q)):
-            if not (isinstance(v, (int, float)) and 0 <= v <= 1):
-                raise UsageError(f"--{name} must be a fraction in [0, 1], got {v}")
 
 
 def _top_set(f: ScoreFile, name: str, fraction: float) -> np.ndarray:

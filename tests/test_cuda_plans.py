@@ -36,25 +36,26 @@ def on_cuda(tiny_model):
     import torch
 
     from spinctl.io.checkpoint import open_checkpoint
-    from spinctl.scoring.engine import LoadedModel, load_model, load_tokenizer
+    from spinctl.runtime import LoadedModel, load_model, load_tokenizer
     from spinctl.scoring.layerwise_model import build_skeleton
 
     path = tiny_model()
     cuda = torch.device("cuda")
-    loaded = load_model(SimpleNamespace(model=path, device="cpu", dtype="bfloat16", trust_remote_code=False))
+    loaded = load_model(path, "cpu", "bfloat16")
     sk = build_skeleton(path, open_checkpoint(path), load_tokenizer(path), torch.device("cpu"), torch.bfloat16)
     return path, LoadedModel(path, loaded.model, loaded.tokenizer, cuda, torch.bfloat16), dataclasses.replace(sk, device=cuda)
 
 
 def check_plan(plan, longest: int) -> None:
-    from spinctl.scoring.engine import CUDA_MAX_BATCH
+    from spinctl.scoring.common import CUDA_MAX_BATCH
 
     batch, budget = plan
     assert 1 <= batch <= CUDA_MAX_BATCH and budget >= longest
 
 
 def test_in_memory_plan(fake_cuda, on_cuda):
-    from spinctl.scoring.engine import CUDA_MAX_BATCH, CUDA_TOKENS, _plan
+    from spinctl.scoring.common import CUDA_MAX_BATCH, CUDA_TOKENS
+    from spinctl.scoring.engine import _plan
     from spinctl.scoring.targets import select_targets
 
     path, loaded, _ = on_cuda
@@ -74,7 +75,7 @@ def test_in_memory_plan(fake_cuda, on_cuda):
 
 
 def test_stream_plan_obeys_the_process_fraction(fake_cuda, on_cuda):
-    from spinctl.scoring.engine import CUDA_MAX_BATCH, CUDA_TOKENS
+    from spinctl.scoring.common import CUDA_MAX_BATCH, CUDA_TOKENS
     from spinctl.scoring.layerwise import HEAD_BYTES, plan_batches
     from spinctl.scoring.targets import select_targets
 
@@ -100,7 +101,7 @@ def test_stream_plan_without_the_fraction_query(fake_cuda, on_cuda, monkeypatch)
     """torch before 2.6 has no get_per_process_memory_fraction: the plan takes the whole device."""
     import torch
 
-    from spinctl.scoring.engine import CUDA_MAX_BATCH, CUDA_TOKENS
+    from spinctl.scoring.common import CUDA_MAX_BATCH, CUDA_TOKENS
     from spinctl.scoring.layerwise import plan_batches
     from spinctl.scoring.targets import select_targets
 

@@ -233,7 +233,7 @@ def assert_same_scores(a: Path, b: Path) -> None:
 
 
 def _has_stream() -> bool:
-    from spinctl.scoring.engine import ScoreConfig
+    from spinctl.config import ScoreConfig
 
     try:
         import spinctl.scoring.layerwise  # noqa: F401
@@ -244,7 +244,8 @@ def _has_stream() -> bool:
 
 @pytest.mark.parametrize("method,stream", [("snip", False), ("wanda", False), ("snip", True), ("wanda", True)])
 def test_two_ranks_equal_one_process(tiny_model, calib, tmp_path, method, stream):
-    from spinctl.scoring.engine import ScoreConfig, score
+    from spinctl.config import ScoreConfig
+    from spinctl.scoring.engine import score
 
     if stream and not _has_stream():
         pytest.skip("needs --stream (issue 5: spinctl/stream_score.py, ScoreConfig.stream)")

@@ -220,12 +220,12 @@ def test_bad_model_dirs(eval_model, tmp_path):
 
     from spinctl.evaluation.evaluate import load_causal_lm
 
-    with pytest.raises(SpinctlError, match="not found"):
+    with pytest.raises(SpinctlError, match="nope: not a model directory"):
         load_causal_lm(tmp_path / "nope", "cpu")
     no_weights, no_tok = tmp_path / "w", tmp_path / "t"
     shutil.copytree(eval_model, no_weights)
     (no_weights / "model.safetensors").unlink()
-    with pytest.raises(SpinctlError, match="cannot load a causal LM"):
+    with pytest.raises(SpinctlError, match="w: neither model.safetensors.index.json nor model.safetensors found"):
         load_causal_lm(no_weights, "cpu")
     shutil.copytree(eval_model, no_tok)
     (no_tok / "tokenizer.json").unlink()

@@ -76,7 +76,8 @@ def test_snip_scores_match_float64_reference(smollm2, tmp_path):
     from spinctl.scoring.data import read_rows, select_rows
     from spinctl.io.formats import read_scores
     from spinctl.io.formats import keep_count
-    from spinctl.scoring.engine import ScoreConfig, score
+    from spinctl.config import ScoreConfig
+    from spinctl.scoring.engine import score
 
     targets, keep, n = r"re:layers\.(0|14|29)\.mlp\.", 1e-3, 4
     out = tmp_path / "s.safetensors"

@@ -52,6 +52,19 @@ def test_pipeline_then_cache_hits(workdir):
     assert [s["cached"] for s in json.loads(r.stdout)["scores"]] == [False, False, False]
 
 
+def test_stream_run_never_loads_the_whole_model(workdir, monkeypatch):
+    """score.stream: true reads one layer at a time; `run` once loaded the whole model first anyway."""
+    import spinctl.runtime
+    from spinctl.run import run
+
+    def refuse(*a, **k):
+        raise AssertionError("the whole model was loaded")
+
+    monkeypatch.setattr(spinctl.runtime, "load_model", refuse)
+    cfg = load_run_config(workdir / "spin.yaml", ["score.stream=true", "score.nsamples=4"])
+    assert run(cfg)["verified"]
+
+
 def test_existing_output_fails_before_scoring(workdir):
     (workdir / "out1").mkdir()
     (workdir / "out1" / "x").write_text("keep me")
@@ -77,7 +90,7 @@ def test_paths_relative_to_yaml_and_overrides(tmp_path):
     (tmp_path / "spin.yaml").write_text(YAML.format(output="out"))
     cfg = load_run_config(tmp_path / "spin.yaml", ["score.nsamples=16", "select.p=0.02"])
     assert cfg.model == tmp_path / "model" and cfg.output == tmp_path / "out"
-    assert cfg.retain == "builtin:general" and cfg.score["nsamples"] == 16 and cfg.select["p"] == 0.02
+    assert cfg.retain == "builtin:general" and cfg.score.nsamples == 16 and cfg.select.p == 0.02
     with pytest.raises(InputError, match="KEY=VALUE"):
         load_run_config(tmp_path / "spin.yaml", ["nonsense"])
     with pytest.raises(InputError, match="'scor'"):
@@ -140,12 +153,12 @@ def test_override_values_are_checked_too(tmp_path):
 
 def test_good_values_are_normalised(tmp_path):
     # PyYAML reads 5e-7 (no dot) as a string: it is the documented default and must keep working.
-    (tmp_path / "spin.yaml").write_text(BASE + "select: {p: 5e-7, q: 1e-6, mode: reference}\n"
+    (tmp_path / "spin.yaml").write_text(BASE.replace("[c.csv]", "[a.csv, b.csv]") + "select: {p: 5e-7, q: 1e-6, mode: reference}\n"
                                         "score: {keep: 1e-4, batch_size: auto, device: 'cuda:1', stream: true}\n"
                                         "eval: {prompts: p.csv, limit: null}\n")
     cfg = load_run_config(tmp_path / "spin.yaml")
-    assert cfg.select == {"p": 5e-7, "q": 1e-6, "mode": "reference"}
-    assert cfg.score["keep"] == 1e-4 and cfg.score["batch_size"] is None and cfg.score["device"] == "cuda:1"
+    assert (cfg.select.p, cfg.select.q, cfg.select.mode.value) == (5e-7, 1e-6, "reference")
+    assert cfg.score.keep == 1e-4 and cfg.score.batch_size is None and cfg.score.device == "cuda:1"
 
 
 # Nine anchors under nine valid keys, each nine aliases of the one before: 9^9 strings from ~600 bytes.

@@ -39,7 +39,7 @@ def data_csv(tmp_path_factory) -> Path:
 
 
 def config(model, data, out, **kw):
-    from spinctl.scoring.engine import ScoreConfig
+    from spinctl.config import ScoreConfig
 
     opts = {"nsamples": 8, "keep": KEEP, "batch_size": 4, "targets": "all"} | kw
     return ScoreConfig(model=model, data=str(data), output=out, **opts)
@@ -258,7 +258,7 @@ def test_jsonl_and_builtin(tiny_model, tmp_path):
 
 
 def test_bad_inputs(tiny_model, data_csv, tmp_path):
-    from spinctl.scoring.engine import ScoreConfig
+    from spinctl.config import ScoreConfig
 
     model = tiny_model()
     out = tmp_path / "s.safetensors"
@@ -293,9 +293,10 @@ def test_renamed_checkpoint_tensor_is_refused(tiny_model, model_copy, data_csv, 
     with pytest.raises(UnsupportedError, match="lacks 1 weight.*model.layers.0.mlp.up_proj.weight"):
         run(model, data_csv, tmp_path / "s.safetensors", targets="mlp")
     # A model whose module names differ from the checkpoint's tensor names is refused too.
-    from spinctl.scoring.engine import load_model, score
+    from spinctl.runtime import load_model
+    from spinctl.scoring.engine import score
 
-    loaded = load_model(config(tiny_model(), data_csv, tmp_path / "s.safetensors"))
+    loaded = load_model(tiny_model())
     with pytest.raises(UnsupportedError, match=r"weight model.layers.0.mlp.up_proj.weight \[160, 64\] is missing"):
         score(config(model, data_csv, tmp_path / "s.safetensors", targets="mlp"), loaded=loaded)
 
@@ -306,11 +307,10 @@ def test_load_moves_the_model_to_the_device(tiny_model, data_csv, tmp_path, monk
     device fails in one line that points to --stream."""
     import torch
 
-    import spinctl.scoring.engine as sc
+    import spinctl.runtime as rt
 
-    monkeypatch.setattr(sc, "resolve_device", lambda device: torch.device("meta"))
-    cfg = config(tiny_model(), data_csv, tmp_path / "s.safetensors")
-    loaded = sc.load_model(cfg)
+    monkeypatch.setattr(rt, "resolve_device", lambda device: torch.device("meta"))
+    loaded = rt.load_model(tiny_model())
     assert {p.device.type for p in loaded.model.parameters()} == {"meta"}
 
     def full(self, *a, **kw):
@@ -318,7 +318,7 @@ def test_load_moves_the_model_to_the_device(tiny_model, data_csv, tmp_path, monk
 
     monkeypatch.setattr(torch.nn.Module, "to", full)
     with pytest.raises(SpinctlError, match="does not fit in the memory of meta; score it with --stream"):
-        sc.load_model(cfg)
+        rt.load_model(tiny_model())
 
 
 def test_import_is_light():

@@ -42,7 +42,7 @@ def test_score_under_no_grad(tiny_model, data_csv, tmp_path, stream, mode):  # n
 
 @pytest.mark.parametrize("device", ["cuda:0", "cuda:1"])
 def test_torchrun_refuses_a_fixed_gpu(monkeypatch, tmp_path, device):
-    from spinctl.scoring.engine import ScoreConfig
+    from spinctl.config import ScoreConfig
 
     for k, v in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}.items():
         monkeypatch.setenv(k, v)
@@ -106,12 +106,13 @@ def test_float16_scores_match_float32(small_grads, data_csv, tmp_path, stream): 
 def test_loss_scale_is_exact(monkeypatch, tiny_model, data_csv, tmp_path, stream, first):  # noqa: F811
     """In fp32 a power-of-two scale changes no rounding: the file is byte-identical. 2^132 is inf
     in fp32: the pass overflows and reruns at 2^128 (inf too), 2^124, ... until the sums fit, and still matches."""
+    from spinctl.scoring import common
     from spinctl.scoring import engine as sc
 
     model = tiny_model("llama", "float32")
     plain, scaled = tmp_path / "plain.safetensors", tmp_path / "scaled.safetensors"
     sc.score(config(model, data_csv, plain, device="cpu", stream=stream))
-    monkeypatch.setitem(sc.LOSS_SCALE_LOG2, "float32", first)
+    monkeypatch.setitem(common.LOSS_SCALE_LOG2, "float32", first)
     summary = sc.score(config(model, data_csv, scaled, device="cpu", stream=stream))
     assert summary["loss_scale"] == 2**12 if first == 12 else 2**100 <= summary["loss_scale"] <= 2**124
     assert plain.read_bytes() == scaled.read_bytes()

@@ -116,7 +116,7 @@ def test_stream_is_deterministic_and_spill_removed_on_failure(tiny_model, data_c
 
 
 def test_bad_spill_dir(tiny_model, data_csv, tmp_path, monkeypatch):
-    from spinctl.scoring.engine import ScoreConfig
+    from spinctl.config import ScoreConfig
 
     model = tiny_model()
     out = tmp_path / "s.safetensors"
@@ -211,7 +211,7 @@ def test_catchers_show_the_layers_attributes(tiny_model):
     import torch
 
     from spinctl.io.checkpoint import open_checkpoint
-    from spinctl.scoring.engine import load_tokenizer
+    from spinctl.runtime import load_tokenizer
     from spinctl.scoring.layerwise_model import build_skeleton, catch_layer_inputs
 
     path = tiny_model()

@@ -58,6 +58,17 @@ def test_score_metadata(world, tmp_path):
     _run_clean(tmp_path, world.select_argv(tmp_path, r, c), [c, "nested too deeply"])
 
 
+def test_exclude_score_metadata(world, tmp_path):
+    """`--exclude SCORES` reads the score file's calibration facts (evaluation/heldout.py)."""
+    from spinctl.errors import InputError
+    from spinctl.evaluation.heldout import read_calibrated
+
+    c = world.file(tmp_path, "c")
+    _deep_metadata(c)
+    with pytest.raises(InputError, match="not a spinctl score file"):
+        read_calibrated(c)
+
+
 def test_selection_metadata(world, tmp_path):
     m, sel = world.model(tmp_path), world.file(tmp_path, "sel")
     _deep_metadata(sel)

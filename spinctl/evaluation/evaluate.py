@@ -7,58 +7,18 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from spinctl.config import EvalConfig
+from spinctl.runtime import load_causal_lm
 from spinctl.io import untrusted
-from spinctl.scoring.data import pad_id
-from spinctl.runtime import check_device
-from spinctl.errors import InputError, OutputError, UsageError
-from spinctl.evaluation.judges import JUDGES, JudgeName, KeywordJudge, ModelJudge, Verdict
+from spinctl.errors import InputError, OutputError
+from spinctl.evaluation.judges import JudgeName, KeywordJudge, ModelJudge, Verdict
 
 Progress = Callable[[int], None]
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
-
-@dataclass(frozen=True)
-class EvalConfig:
-    model: Path
-    prompts: Path
-    column: str = "questions"
-    limit: int | None = None
-    max_new_tokens: int = 64
-    batch_size: int = 8
-    judge: str = "keyword"
-    judge_model: Path | None = None
-    judge_template: Path | None = None
-    save: Path | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-
-    def __post_init__(self):
-        # A judge model on its own means the model judge (the CLI offers them as alternatives).
-        if self.judge_model is not None and self.judge == JudgeName.keyword.value:
-            object.__setattr__(self, "judge", JudgeName.model.value)
-        judge = self.judge.value if isinstance(self.judge, JudgeName) else str(self.judge)
-        object.__setattr__(self, "judge", judge)
-        if judge not in JUDGES:
-            raise UsageError(f"unknown judge {judge!r}; choose one of {', '.join(JUDGES)}")
-        if judge == JudgeName.model.value and (self.judge_model is None or self.judge_template is None):
-            raise UsageError("the model judge needs both --judge-model DIR and --judge-template FILE")
-        if self.limit is not None and self.limit < 1:
-            raise UsageError(f"--limit must be at least 1, got {self.limit}")
-        if self.max_new_tokens < 1:
-            raise UsageError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
-        if self.batch_size < 1:
-            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.dtype not in DTYPES:
-            raise UsageError(f"--dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
-        check_device(self.device)
-
-
-# ---------------------------------------------------------------- questions
 
 def load_questions(path: str | Path, column: str = "questions", limit: int | None = None) -> list[str]:
     """The non-empty values of `column`, in file order, first `limit` of them."""
@@ -119,64 +79,6 @@ def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
 
 
 # ---------------------------------------------------------------- models
-
-def resolve_device(device: str = "auto") -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {device} asked for, but no CUDA device is available")
-    return device
-
-
-def resolve_dtype(dtype: str, device: str):
-    import torch
-
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if dtype not in DTYPES:
-        raise InputError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    return getattr(torch, dtype)
-
-
-def load_causal_lm(model_dir: str | Path, device: str = "auto", dtype: str = "auto"):
-    """(model, tokenizer) from a local HF directory; never remote code, never the network."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    from spinctl.scoring.engine import load_tokenizer
-
-    # Its tqdm bars would interleave with the CLI's own progress display on stderr.
-    hf_logging.disable_progress_bar()
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise InputError(f"model directory {model_dir} not found or has no config.json")
-    dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
-    tok = load_tokenizer(model_dir)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=torch_dtype, local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:  # RecursionError: config.json nested `[` x 100000
-        raise InputError(f"cannot load a causal LM from {model_dir}: {_first_line(e)}") from None
-    model.to(dev).eval()
-    # Left padding: every prompt then ends at the last column, where generation continues.
-    tok.padding_side = "left"
-    vocab = model.get_input_embeddings().num_embeddings
-    if tok.pad_token_id is None or not 0 <= tok.pad_token_id < vocab:
-        # Pad ids are masked out, so any real token will do (eos first); one past the
-        # embedding (an added `<pad>`) would index out of range in every batch.
-        tok.pad_token = tok.convert_ids_to_tokens(pad_id(tok, vocab))
-    return model, tok
-
-
-def _first_line(e: BaseException) -> str:
-    if isinstance(e, RecursionError):  # json inside transformers, on a config file nested `[` x 100000
-        return "a JSON file of the model is nested too deeply"
-    text = str(e).strip()
-    return text.splitlines()[0].rstrip(": ") if text else type(e).__name__
-
 
 def _encode_prompt(tok, text: str, chat_template: bool) -> list[int]:
     if chat_template and getattr(tok, "chat_template", None):

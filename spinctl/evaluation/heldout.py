@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from spinctl.io import untrusted
 from spinctl.errors import InputError
 
 
@@ -30,7 +30,7 @@ def read_calibrated(path: str | Path) -> Calibrated:
     path = Path(path)
     shard = read_shard(path)
     try:
-        meta = json.loads((shard.metadata or {})["spinctl"])
+        meta = untrusted.loads((shard.metadata or {})["spinctl"])
     except (KeyError, ValueError):
         raise InputError(f"{path}: not a spinctl score file (no spinctl metadata)") from None
     if not isinstance(meta, dict) or meta.get("kind") != "scores":

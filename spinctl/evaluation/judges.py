@@ -7,6 +7,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Callable, Sequence
 
+from spinctl.config import JudgeName
 from spinctl.errors import InputError
 
 
@@ -14,11 +15,6 @@ class Verdict(str, Enum):
     aware = "aware"
     unaware = "unaware"
     unjudgeable = "unjudgeable"
-
-
-class JudgeName(str, Enum):
-    keyword = "keyword"
-    model = "model"
 
 
 # What the keyword judge looks for. All matched on the normalised (lower-case, straight
@@ -272,7 +268,8 @@ class ModelJudge:
     def raw_outputs(self, questions: Sequence[str], answers: Sequence[str],
                     progress: Callable[[int], None] | None = None) -> list[str]:
         # Imported here: evaluate imports this module, and torch must stay off `--help`.
-        from spinctl.evaluation.evaluate import generate_texts, load_causal_lm
+        from spinctl.evaluation.evaluate import generate_texts
+        from spinctl.runtime import load_causal_lm
 
         if self._loaded is None:
             self._loaded = load_causal_lm(self.model_dir, self.device, self.dtype)

@@ -121,7 +121,8 @@ def perplexity(model_dir: str | Path, text_path: str | Path, seqlen: int = 2048,
     WikiText-2 recipe. A CSV/JSONL file of prompt/response rows is scored on its first `rows`
     rows not used for calibration by any `exclude` score file scored on it.
     """
-    from spinctl.evaluation.evaluate import DTYPES, load_causal_lm
+    from spinctl.config import DTYPES
+    from spinctl.runtime import load_causal_lm
 
     if seqlen < 2:
         raise UsageError(f"--seqlen must be at least 2, got {seqlen}")

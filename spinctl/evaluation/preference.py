@@ -185,7 +185,7 @@ def pair_steps(sets: Sequence[PairSet]) -> int:
 
 def run_preference(cfg: PreferenceConfig, progress: Progress | None = None) -> dict:
     """Load the model once and evaluate every pair set."""
-    from spinctl.evaluation.evaluate import load_causal_lm
+    from spinctl.runtime import load_causal_lm
 
     t0 = time.perf_counter()
     exclude = [read_calibrated(e) for e in cfg.exclude]

@@ -300,7 +300,7 @@ def check_inputs(cfg: SweepConfig) -> Inputs:
 def sweep_model(model, tok, cfg: SweepConfig, log: Log = lambda s: None, inputs: Inputs | None = None) -> dict:
     """The sweep on an already loaded model, left exactly as it was found; see run_sweep.
 
-    `model, tok` as evaluate.load_causal_lm(cfg.model, …) returns them (the tokenizer pads on the
+    `model, tok` as runtime.load_causal_lm(cfg.model, …) returns them (the tokenizer pads on the
     left, for generation); `inputs` from check_inputs(cfg), read again when not given.
     """
     t0 = time.perf_counter()
@@ -342,7 +342,7 @@ def sweep_model(model, tok, cfg: SweepConfig, log: Log = lambda s: None, inputs:
 
 def run_sweep(cfg: SweepConfig, log: Log = lambda s: None) -> dict:
     """Load the model once, sweep the grid, return the table (row 0 the original model) and the best row."""
-    from spinctl.evaluation.evaluate import load_causal_lm
+    from spinctl.runtime import load_causal_lm
 
     t0 = time.perf_counter()
     inputs = check_inputs(cfg)  # a bad score file or data file fails before the model loads

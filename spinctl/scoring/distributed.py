@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
-from spinctl.errors import InputError, SpinctlError, UnsupportedError
+from spinctl.errors import InputError, SpinctlError, UnsupportedError, one_line
 
 TIMEOUT_ENV = "SPINCTL_DIST_TIMEOUT"
 # Ranks wait for each other at each synchronisation point: model loads on different nodes
@@ -119,18 +119,13 @@ def failure_reported() -> bool:
     return _State.failure_reported
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
-
-
 def describe(e: BaseException) -> str:
     """One line for an exception, worded as the CLI words it."""
     if isinstance(e, SpinctlError):
-        return _one_line(e)
+        return one_line(e)
     if isinstance(e, OSError) and e.strerror:
         return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
-    return f"{type(e).__name__}: {_one_line(e)}"
+    return f"{type(e).__name__}: {one_line(e)}"
 
 
 def _backend() -> str:
@@ -163,7 +158,7 @@ def _init(ctx: DistContext) -> None:
         dist.init_process_group(_backend(), timeout=timedelta(seconds=timeout_seconds()))
     except Exception as e:  # DistError, RuntimeError, ValueError: all mean "could not join"
         raise CommunicationError(f"rank {ctx.rank}: cannot join the torch.distributed job of {ctx.world_size} ranks "
-                                 f"({_one_line(e)}); check the torchrun --rdzv-endpoint / MASTER_ADDR and that "
+                                 f"({one_line(e)}); check the torchrun --rdzv-endpoint / MASTER_ADDR and that "
                                  f"every node started") from None
     _State.failure_reported = False
     _State.broken = False
@@ -252,7 +247,7 @@ def _collective(ctx: DistContext, call: Callable[[], Any]) -> None:
         call()
     except Exception as e:  # DistBackendError, RuntimeError on a closed connection or a timeout
         _State.broken = True  # every rank prints its own view: the one that died may be rank 0
-        raise CommunicationError(f"rank {ctx.rank}: lost contact with the other ranks ({_one_line(e)}); a rank died, "
+        raise CommunicationError(f"rank {ctx.rank}: lost contact with the other ranks ({one_line(e)}); a rank died, "
                                  f"hung for over {timeout_seconds()} s ({TIMEOUT_ENV}) or the network failed") from None
 
 

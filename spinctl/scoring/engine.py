@@ -2,207 +2,25 @@
 
 from __future__ import annotations
 
-import resource
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from spinctl.scoring import data as data_mod
 from spinctl.scoring import distributed
 from spinctl.io.checkpoint import open_checkpoint
-from spinctl.runtime import check_device, check_rank_device
-from spinctl.errors import InputError, OutputError, SpinctlError, UnsupportedError, UsageError
-from spinctl.io.formats import keep_count, score_meta, write_scores
-from spinctl.scoring.methods import METHODS, Method, response_loss
-from spinctl.scoring.targets import check_spec, decoder_layers, select_targets
+from spinctl.runtime import LoadedModel, load_model
+from spinctl.errors import OutputError, SpinctlError
+from spinctl.io.formats import keep_count
+from spinctl.config import ScoreConfig
+from spinctl.scoring.common import (CPU_BATCH, CUDA_MAX_BATCH, CUDA_TOKENS, LOSS_SCALE_STEP, ScoreSummary, check_checkpoint,
+                                    loss_scale_log2, make_batches, peak_bytes, sync, write_score_file)
+from spinctl.scoring.methods import METHODS, response_loss
+from spinctl.scoring.targets import decoder_layers, select_targets
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-CPU_BATCH = 8  # samples per batch on CPU: past this, bigger batches buy no speed
-CUDA_TOKENS = 4096  # padded tokens per batch on CUDA: saturates an H200, keeps 7B under 64 GiB
-CUDA_MAX_BATCH = 64
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 Progress = Callable[[int, int], None]  # progress(advance_samples, total); advance < 0 rewinds after an OOM retry
-# fp16 has 5 exponent bits: a per-sample gradient of a mean token loss (at the logits about
-# 1 / (response tokens · vocab)) falls below its smallest subnormal, 6e-8, and becomes zero.
-# snip's backward runs on the loss times 2^k; the fp32 accumulators are divided by 2^k after
-# (exact). An overflow (inf or NaN in the accumulators) reruns the pass at 2^(k-4), down to 2^0.
-# bf16 and fp32 have fp32's exponent range: no scale.
-LOSS_SCALE_LOG2 = {"float16": 12}
-LOSS_SCALE_STEP = 4
 
 
-def loss_scale_log2(dtype) -> int:
-    """The first loss scale (log2) for a model dtype (torch.dtype)."""
-    return LOSS_SCALE_LOG2.get(str(dtype).removeprefix("torch."), 0)
-
-
-@dataclass(frozen=True)
-class ScoreConfig:
-    """Options of one scoring run (DESIGN §6), validated once here."""
-
-    model: Path
-    data: str  # a CSV/JSONL path or builtin:NAME
-    output: Path
-    method: Method = Method.SNIP
-    nsamples: int = 128
-    seed: int = 0
-    keep: float = 1e-4
-    targets: str = "mlp"
-    max_length: int = 2048
-    batch_size: int | None = None  # None: auto
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    chat_template: bool = False
-    prompt_column: str = "prompt"
-    response_column: str = "response"
-    trust_remote_code: bool = False
-    stream: bool = False  # one decoder layer on the device at a time (stream_score.py)
-    spill_dir: Path | None = None  # with stream: layer inputs in files here instead of host memory
-
-    def __post_init__(self):
-        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen: normalise once)
-        set_("model", Path(self.model))
-        set_("output", Path(self.output))
-        set_("data", str(self.data))
-        try:
-            set_("method", Method(self.method))
-        except ValueError:
-            raise UsageError(f"--method {self.method!r}: expected one of {', '.join(m.value for m in Method)}") from None
-        if not (isinstance(self.keep, (int, float)) and 0 < self.keep <= 1):
-            raise UsageError(f"--keep {self.keep}: must be in (0, 1]")
-        for name, low in (("nsamples", 1), ("seed", 0), ("max_length", 2)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise UsageError(f"--{name.replace('_', '-')} {value}: must be an integer >= {low}")
-        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
-            raise UsageError(f"--batch-size {self.batch_size}: must be an integer >= 1 (or auto)")
-        check_device(self.device)
-        check_rank_device(self.device, distributed.context().world_size)
-        if self.dtype not in DTYPES:
-            raise UsageError(f"--dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
-        check_spec(self.targets)
-        if not isinstance(self.stream, bool):
-            raise UsageError(f"--stream {self.stream!r}: must be true or false")
-        if self.spill_dir is not None:
-            from spinctl.scoring.layerwise_store import check_spill_dir
-
-            set_("spill_dir", Path(self.spill_dir))
-            if not self.stream:
-                raise UsageError(f"--spill-dir {self.spill_dir}: applies to --stream only; add --stream")
-            check_spill_dir(self.spill_dir)
-
-
-@dataclass
-class LoadedModel:
-    """A model and tokenizer on their device: load once, score several datasets."""
-
-    path: Path
-    model: Any
-    tokenizer: Any
-    device: Any  # torch.device
-    dtype: Any  # torch.dtype
-
-
-def _one_line(e: BaseException) -> str:
-    if isinstance(e, RecursionError):  # json inside transformers, on a config or tokenizer file nested `[` x 100000
-        return "a JSON file of the model is nested too deeply"
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
-
-
-def resolve_device(device: str):
-    """--device as a torch.device; under torchrun, auto (on a GPU machine) and cuda mean cuda:LOCAL_RANK."""
-    import torch
-
-    ctx = distributed.context()
-    if device == "auto":
-        if not (ctx.enabled and torch.cuda.is_available()):
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        device = "cuda"
-    if device == "cuda" and ctx.enabled:
-        device = f"cuda:{ctx.local_rank}"  # one GPU per rank: ranks sharing a GPU would contend for it
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UnsupportedError(f"--device {device}: CUDA is not available here; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            per_node = "; start at most one rank per GPU (torchrun --nproc-per-node)" if ctx.enabled else ""
-            raise UnsupportedError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present{per_node}")
-    return dev
-
-
-def resolve_dtype(dtype: str, device):
-    import torch
-
-    return getattr(torch, dtype) if dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def check_model_dir(path: Path) -> None:
-    if not path.is_dir() or not (path / "config.json").is_file():
-        raise InputError(f"{path}: not a model directory (config.json, tokenizer files, safetensors weights)")
-
-
-def load_tokenizer(path: Path, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError, TypeError, ImportError, RecursionError) as e:
-        # Without its files transformers tries converters and names what they lack (protobuf, tiktoken)
-        found = any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
-        detail = _one_line(e) if found else f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) found"
-        raise InputError(f"{path}: cannot load the tokenizer ({detail})") from None
-
-
-def load_model(cfg: ScoreConfig) -> LoadedModel:
-    """Offline load of the model and tokenizer; remote code only when the config allows it."""
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    path = cfg.model
-    check_model_dir(path)
-    open_checkpoint(path)  # validates the safetensors headers before transformers reads them
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    opts = {"local_files_only": True, "trust_remote_code": cfg.trust_remote_code}
-    tokenizer = load_tokenizer(path, cfg.trust_remote_code)
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # the caller draws its own progress on stderr
-    try:
-        # Loaded on the host, then moved: transformers needs `accelerate`, not a dependency of
-        # spinctl, for any device_map. --stream reads one layer at a time instead.
-        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True, **opts)
-    except (OSError, ValueError, KeyError, TypeError, ImportError, RuntimeError) as e:
-        raise UnsupportedError(f"{path}: cannot load as a causal language model ({_one_line(e)})") from None
-    finally:
-        if bar:
-            hf_logging.enable_progress_bar()
-    lacking = [str(k[0] if isinstance(k, tuple) else k) for k in (*info.get("missing_keys", ()), *info.get("mismatched_keys", ()))]
-    if lacking:  # transformers would score randomly initialised weights in their place
-        raise UnsupportedError(f"{path}: the checkpoint lacks {len(lacking)} weight(s) the model needs "
-                               f"(e.g. {lacking[0]}); is it complete and of this architecture?")
-    model.requires_grad_(False)  # no weight gradients: only the per-sample ones the hooks form
-    model.eval()
-    try:
-        model.to(device)
-    except torch.cuda.OutOfMemoryError:
-        raise SpinctlError(f"{path}: the model does not fit in the memory of {device}; score it with --stream") from None
-    return LoadedModel(path, model, tokenizer, device, dtype)
-
-
-def make_batches(samples: list, batch_size: int, token_budget: int | None = None) -> list[list]:
-    """Length-sorted batches (longest first, ties in selection order): little padding, and the
-    first batch is the largest, so an out-of-memory shows up before any work is lost."""
-    batches: list[list] = []
-    for s in sorted(samples, key=lambda s: -len(s.ids)):
-        cur = batches[-1] if batches else None
-        if cur is None or len(cur) == batch_size or (token_budget and (len(cur) + 1) * len(cur[0].ids) > token_budget):
-            batches.append([s])
-        else:
-            cur.append(s)
-    return batches
 
 
 def collate(batch: list, pad_id: int, device):
@@ -301,31 +119,6 @@ def _plan(cfg: ScoreConfig, loaded: LoadedModel, targets, samples) -> tuple[int,
     return batch, max(longest, min(CUDA_TOKENS, int(free // per_token)))
 
 
-def _peak_bytes(device) -> int:
-    import torch
-
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _check_checkpoint(model_path: Path, ckpt, targets) -> None:
-    """Scores are keyed by checkpoint tensor names: each scored weight must be stored as used."""
-    for t in targets:
-        entry = ckpt.tensors.get(t.name)
-        if entry is None or list(entry.shape) != list(t.module.weight.shape):
-            found = "missing" if entry is None else f"stored as {list(entry.shape)}"
-            raise UnsupportedError(f"{model_path}: scored weight {t.name} {list(t.module.weight.shape)} is {found} in the "
-                                   f"checkpoint; spinctl needs weights stored as the model uses them")
-
-
 def _accumulate(cfg: ScoreConfig, loaded: LoadedModel, acc, targets, samples, progress: Progress | None,
                 loss_scale: float = 1.0) -> int:
     """The whole pass, restarted with half the batch after a CUDA out-of-memory in auto mode.
@@ -373,24 +166,6 @@ def topk_entries(acc, nsamples: int, keep: float, model_path: Path, dtype) -> di
     return entries
 
 
-def write_score_file(cfg: ScoreConfig, entries: dict, rows, ckpt, dtype, shapes: dict, cal) -> dict:
-    """The score file (DESIGN §4) of `entries`, in target order; returns its metadata."""
-    meta = score_meta(
-        method=cfg.method.value, nsamples=cfg.nsamples, seed=cfg.seed, keep=cfg.keep, targets=cfg.targets,
-        max_length=cfg.max_length, dtype=str(dtype).removeprefix("torch."), dataset_sha256=rows.sha256,
-        dataset_rows=rows.count, fingerprint=ckpt.fingerprint(), shapes=shapes,
-        samples=len(cal.samples), skipped=cal.skipped, chat_template=cfg.chat_template,
-    )
-    if not distributed.context().is_main:
-        return meta  # under torchrun rank 0 alone writes: every rank holds the same all-reduced sums
-    try:
-        cfg.output.parent.mkdir(parents=True, exist_ok=True)
-        write_scores(cfg.output, entries, meta)
-    except OSError as e:
-        raise OutputError(f"{cfg.output}: cannot write the score file ({e.strerror or _one_line(e)})") from None
-    return meta
-
-
 def score(cfg: ScoreConfig, progress: Progress | None = None, *, loaded: LoadedModel | None = None) -> dict:
     """Score `cfg.data` on `cfg.model`, write `cfg.output`; returns the run summary.
 
@@ -426,7 +201,7 @@ def _score(cfg: ScoreConfig, progress: Progress | None, loaded: LoadedModel | No
 
         return score_streamed(cfg, rows, picked, ckpt, progress, t0)
     if loaded is None:
-        loaded = load_model(cfg)
+        loaded = load_model(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code)
     model, device = loaded.model, loaded.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -435,7 +210,7 @@ def _score(cfg: ScoreConfig, progress: Progress | None, loaded: LoadedModel | No
     samples = cal.samples
 
     targets = select_targets(model, cfg.targets, cfg.model)
-    _check_checkpoint(cfg.model, ckpt, targets)
+    check_checkpoint(cfg.model, ckpt, targets)
     try:
         acc = METHODS[cfg.method]({t.name: t.module for t in targets})
     except torch.cuda.OutOfMemoryError:
@@ -444,7 +219,7 @@ def _score(cfg: ScoreConfig, progress: Progress | None, loaded: LoadedModel | No
                            f"{len(targets)} tensors); narrow --targets or use a larger GPU") from None
     local = distributed.shard_samples(samples, ctx)  # this rank's share, balanced by tokens
     distributed.agree(ctx, " (tokenizer)", samples=len(samples), tokens=cal.tokens)  # after the load: fail before the pass
-    _sync(device)
+    sync(device)
     t_pass = time.perf_counter()
     scale_log2 = loss_scale_log2(loaded.dtype) if acc.needs_grad else 0
     while True:
@@ -459,20 +234,16 @@ def _score(cfg: ScoreConfig, progress: Progress | None, loaded: LoadedModel | No
             progress(-len(local), len(local))
     acc.unscale_(2.0**scale_log2)
     if not ctx.is_main:  # rank 0 takes the top-K and writes the file
-        return {"file": None, "rank": ctx.rank, "method": cfg.method.value, "samples": len(local),
-                "tokens": sum(len(s.ids) for s in local), "seconds": round(time.perf_counter() - t0, 3),
-                "device": str(device), "batch_size": batch_size}
+        return ScoreSummary(None, cfg.method.value, len(local), sum(len(s.ids) for s in local),
+                            round(time.perf_counter() - t0, 3), str(device), batch_size, rank=ctx.rank).to_dict()
 
     entries = topk_entries(acc, len(samples), cfg.keep, cfg.model, loaded.dtype)
-    _sync(device)
+    sync(device)
     pass_seconds = time.perf_counter() - t_pass
 
     meta = write_score_file(cfg, entries, rows, ckpt, loaded.dtype, {t.name: list(t.module.weight.shape) for t in targets}, cal)
-    tokens = cal.tokens
-    return {
-        "file": str(cfg.output), "method": cfg.method.value, "tensors": len(entries), "samples": len(samples),
-        "skipped": cal.skipped, "tokens": tokens, "seconds": round(time.perf_counter() - t0, 3),
-        "tokens_per_s": round(tokens / pass_seconds, 1), "peak_memory_bytes": _peak_bytes(device),
-        "device": str(device), "dtype": meta["dtype"], "batch_size": batch_size,
-        "pass_seconds": round(pass_seconds, 3), "loss_scale": 2**scale_log2,
-    }
+    return ScoreSummary(
+        str(cfg.output), cfg.method.value, len(samples), cal.tokens, round(time.perf_counter() - t0, 3), str(device),
+        batch_size, tensors=len(entries), skipped=cal.skipped, tokens_per_s=round(cal.tokens / pass_seconds, 1),
+        peak_memory_bytes=peak_bytes(device), dtype=meta["dtype"], pass_seconds=round(pass_seconds, 3),
+        loss_scale=2**scale_log2).to_dict()

@@ -21,7 +21,10 @@ import os
 import time
 
 from spinctl.scoring import data as data_mod
+from spinctl import runtime
 from spinctl.scoring import distributed, layerwise_store
+from spinctl.scoring.common import (CPU_BATCH, CUDA_MAX_BATCH, CUDA_TOKENS, LOSS_SCALE_STEP, ScoreSummary, check_checkpoint,
+                                    loss_scale_log2, make_batches, peak_bytes, sync, write_score_file)
 from spinctl.errors import SpinctlError
 from spinctl.scoring.methods import METHODS, Method, response_loss
 from spinctl.scoring.layerwise_model import build_skeleton, call_layer, catch_layer_inputs
@@ -40,12 +43,10 @@ def plan_batches(cfg, sk, targets, samples) -> tuple[int, int | None]:
     for one layer's activations within this process's share of the device."""
     import torch
 
-    from spinctl.scoring import engine as sc
-
     if cfg.batch_size is not None:
         return cfg.batch_size, None
     if sk.device.type != "cuda":
-        return sc.CPU_BATCH, None
+        return CPU_BATCH, None
     c, item = sk.model.config, sk.dtype.itemsize
     D = c.hidden_size
     inter = getattr(c, "intermediate_size", None) or 4 * D
@@ -60,8 +61,8 @@ def plan_batches(cfg, sk, targets, samples) -> tuple[int, int | None]:
     free = min(torch.cuda.mem_get_info(dev)[0], limit) - torch.cuda.memory_allocated(dev)
     free = max(0.0, (free - 2 * layer - outer - acc - HEAD_BYTES) * 0.85)
     longest = max((len(s.ids) for s in samples), default=1)
-    batch = max(1, min(sc.CUDA_MAX_BATCH, int(free // (longest * per_token + per_sample))))
-    return batch, max(longest, min(sc.CUDA_TOKENS, int(free // per_token)))
+    batch = max(1, min(CUDA_MAX_BATCH, int(free // (longest * per_token + per_sample))))
+    return batch, max(longest, min(CUDA_TOKENS, int(free // per_token)))
 
 
 def check_host_memory(cfg, sk, batches, first: int, pinned: bool) -> None:
@@ -225,30 +226,28 @@ def score_streamed(cfg, rows, picked, ckpt, progress=None, t0: float | None = No
     """Layer-streamed `score`: the caller has read the data and opened the checkpoint; writes `cfg.output`."""
     import torch
 
-    from spinctl.scoring import engine as sc
-
     t0 = time.perf_counter() if t0 is None else t0
-    sc.check_model_dir(cfg.model)
-    device = sc.resolve_device(cfg.device)
-    dtype = sc.resolve_dtype(cfg.dtype, device)
-    tokenizer = sc.load_tokenizer(cfg.model, cfg.trust_remote_code)
+    runtime.check_model_dir(cfg.model)
+    device = runtime.resolve_device(cfg.device)
+    dtype = runtime.resolve_dtype(cfg.dtype, device)
+    tokenizer = runtime.load_tokenizer(cfg.model, cfg.trust_remote_code)
     sk = build_skeleton(cfg.model, ckpt, tokenizer, device, dtype, cfg.trust_remote_code)
     cal = data_mod.encode(rows, picked, tokenizer, cfg.max_length, cfg.chat_template)
     targets = select_targets(sk.model, cfg.targets, cfg.model)
-    sc._check_checkpoint(cfg.model, ckpt, targets)
+    check_checkpoint(cfg.model, ckpt, targets)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     ordered = sorted(cal.samples, key=lambda s: -len(s.ids))  # make_batches' order; each rank takes its share
     ctx = distributed.context()
     local = distributed.shard_samples(ordered, ctx)
     batch_size, budget = plan_batches(cfg, sk, targets, local)
-    batches = sc.make_batches(local, batch_size, budget)
+    batches = make_batches(local, batch_size, budget)
     pad_id = data_mod.pad_id(tokenizer, sk.model.get_input_embeddings().num_embeddings)
     if cfg.spill_dir is None:
         check_host_memory(cfg, sk, batches, min(t.layer for t in targets), device.type == "cuda")
 
     t_pass = time.perf_counter()
-    scale_log2 = sc.loss_scale_log2(dtype) if cfg.method is Method.SNIP else 0
+    scale_log2 = loss_scale_log2(dtype) if cfg.method is Method.SNIP else 0
     while True:
         with Boundaries(device, cfg.spill_dir) as store:
             sweeps = _Sweeps(cfg, sk, targets, batches, store, len(cal.samples), progress, ctx, 2.0**scale_log2)
@@ -263,28 +262,26 @@ def score_streamed(cfg, rows, picked, ckpt, progress=None, t0: float | None = No
                 raise SpinctlError(f"{cfg.model}: out of GPU memory with --stream at batches of up to {batch_size} "
                                    f"samples; lower --batch-size or --max-length") from None
             except _Overflow:  # raised only while the scale is above 1
-                scale_log2 = max(0, scale_log2 - sc.LOSS_SCALE_STEP)
+                scale_log2 = max(0, scale_log2 - LOSS_SCALE_STEP)
                 for layer in range(len(sk.layers)):
                     sk.unload(layer)  # the layer that overflowed is still on the device
                 if progress:
                     progress(-sweeps.done, sweeps.total)
             finally:
                 host_peak = store.peak_bytes
-    sc._sync(device)
+    sync(device)
     pass_seconds = time.perf_counter() - t_pass
 
     batch_size = max((len(b) for b in batches), default=0)
     if not ctx.is_main:  # rank 0 took the top-K and writes the file
-        return {"file": None, "rank": ctx.rank, "method": cfg.method.value, "samples": len(local),
-                "tokens": sum(len(s.ids) for s in local), "seconds": round(time.perf_counter() - t0, 3),
-                "device": str(device), "batch_size": batch_size, "stream": True}
+        return ScoreSummary(None, cfg.method.value, len(local), sum(len(s.ids) for s in local),
+                            round(time.perf_counter() - t0, 3), str(device), batch_size, rank=ctx.rank,
+                            stream=True).to_dict()
     entries = {t.name: sweeps.entries[t.name] for t in targets}  # layer then module order, as in-memory
-    sc.write_score_file(cfg, entries, rows, ckpt, dtype, {t.name: list(t.module.weight.shape) for t in targets}, cal)
-    return {
-        "file": str(cfg.output), "method": cfg.method.value, "tensors": len(entries), "samples": len(cal.samples),
-        "skipped": cal.skipped, "tokens": cal.tokens, "seconds": round(time.perf_counter() - t0, 3),
-        "tokens_per_s": round(cal.tokens / pass_seconds, 1), "peak_memory_bytes": sc._peak_bytes(device),
-        "device": str(device), "dtype": str(dtype).removeprefix("torch."), "batch_size": batch_size,
-        "pass_seconds": round(pass_seconds, 3), "stream": True, "spilled": cfg.spill_dir is not None,
-        "activation_peak_bytes": host_peak, "loss_scale": 2**scale_log2,
-    }
+    meta = write_score_file(cfg, entries, rows, ckpt, dtype, {t.name: list(t.module.weight.shape) for t in targets}, cal)
+    return ScoreSummary(
+        str(cfg.output), cfg.method.value, len(cal.samples), cal.tokens, round(time.perf_counter() - t0, 3), str(device),
+        batch_size, tensors=len(entries), skipped=cal.skipped, tokens_per_s=round(cal.tokens / pass_seconds, 1),
+        peak_memory_bytes=peak_bytes(device), dtype=meta["dtype"], pass_seconds=round(pass_seconds, 3),
+        loss_scale=2**scale_log2, stream=True, spilled=cfg.spill_dir is not None,
+        activation_peak_bytes=host_peak).to_dict()

@@ -8,15 +8,10 @@ which turns it into score tensors [out, in]. Running the model is the caller's j
 
 from __future__ import annotations
 
-from enum import Enum
 from typing import Any, Iterator
 
+from spinctl.config import Method
 from spinctl.errors import UnsupportedError
-
-
-class Method(str, Enum):
-    SNIP = "snip"
-    WANDA = "wanda"
 
 
 class Accumulator:

@@ -6,7 +6,7 @@ import contextlib
 import time
 from pathlib import Path
 
-from spinctl.errors import InputError, OutputError, UnsupportedError
+from spinctl.errors import InputError, OutputError, UnsupportedError, one_line
 from spinctl.io.files import staged_dir
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -39,7 +39,7 @@ def check_gguf(path: Path):
     except KeyError:
         raise InputError(f"{path}: GGUF metadata has no general.architecture") from None
     except (ValueError, IndexError, OSError, RecursionError) as e:  # truncated or corrupt header/tensor table
-        raise InputError(f"{path}: cannot read the GGUF file ({_one_line(e)})") from None
+        raise InputError(f"{path}: cannot read the GGUF file ({one_line(e)})") from None
     if arch not in ARCHITECTURES:
         raise UnsupportedError(f"{path}: architecture {arch!r} cannot be converted; "
                                f"supported: {', '.join(ARCHITECTURES)}")
@@ -83,7 +83,7 @@ def convert_gguf(gguf_file: Path, output: Path, dtype: str = "float32", max_shar
         with _no_tqdm():
             tensors = load_gguf_checkpoint(str(gguf_file), return_tensors=True, model_to_load=model)["tensors"]
     except (ValueError, KeyError, NotImplementedError, OSError, TypeError) as e:
-        raise UnsupportedError(f"{gguf_file}: cannot convert ({_one_line(e)})") from None
+        raise UnsupportedError(f"{gguf_file}: cannot convert ({one_line(e)})") from None
     expected = set(model.state_dict())
     if config.tie_word_embeddings:
         expected.discard("lm_head.weight")  # tied: stored once, as the embedding
@@ -120,8 +120,3 @@ def _no_tqdm():
         yield
     finally:
         loader.tqdm = original
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
