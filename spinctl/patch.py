@@ -1,4 +1,4 @@
-"""Patching (DESIGN §5): zero the selected elements out of place (streamed, hashed) or in place (undo log first)."""
+"""Patching (docs/design.md §6): zero the selected elements out of place (streamed, hashed) or in place (undo log first)."""
 
 from __future__ import annotations
 

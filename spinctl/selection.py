@@ -1,4 +1,4 @@
-"""Selection (DESIGN §1): which weights to zero, from a retain score file and coupled ones."""
+"""Selection (docs/design.md §4): which weights to zero, from a retain score file and coupled ones."""
 
 from __future__ import annotations
 

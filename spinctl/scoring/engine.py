@@ -39,7 +39,7 @@ def loss_scale_log2(dtype) -> int:
 
 @dataclass(frozen=True)
 class ScoreConfig:
-    """Options of one scoring run (DESIGN §6), validated once here."""
+    """Options of one scoring run (docs/design.md §2), validated once here."""
 
     model: Path
     data: str  # a CSV/JSONL path or builtin:NAME
@@ -258,7 +258,7 @@ def run_pass(model, acc, batches: list[list], pad_id: int, device, first_layer, 
 
 
 def topk_ranked(flat, k: int):
-    """DESIGN §1 top set on the device: k largest positive scores, ties to the smaller index,
+    """The top set (docs/design.md §3) on the device: k largest positive scores, ties to the smaller index,
     in rank order (score desc, index asc). torch.topk orders ties arbitrarily, so it only
     supplies the k-th value; the set is rebuilt from it. flat: fp32 [n]."""
     import numpy as np
@@ -374,7 +374,7 @@ def topk_entries(acc, nsamples: int, keep: float, model_path: Path, dtype) -> di
 
 
 def write_score_file(cfg: ScoreConfig, entries: dict, rows, ckpt, dtype, shapes: dict, cal) -> dict:
-    """The score file (DESIGN §4) of `entries`, in target order; returns its metadata."""
+    """The score file (docs/design.md §5) of `entries`, in target order; returns its metadata."""
     meta = score_meta(
         method=cfg.method.value, nsamples=cfg.nsamples, seed=cfg.seed, keep=cfg.keep, targets=cfg.targets,
         max_length=cfg.max_length, dtype=str(dtype).removeprefix("torch."), dataset_sha256=rows.sha256,
