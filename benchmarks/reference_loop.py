@@ -18,7 +18,7 @@ from spinctl.scoring.targets import kind_of
 def reference_loop(model, samples: list[tuple[list[int], int]], targets: str = "mlp", accumulate: str = "model",
                    keep: float | None = None) -> dict:
     """samples: (ids, n_prompt) pairs. Returns name -> score tensor [out, in], or with `keep`
-    name -> (indices, scores) top-K by the DESIGN §1 rule (so 7B scores need not all be kept)."""
+    name -> (indices, scores) top-K by the docs/design.md §3 rule (so 7B scores need not all be kept)."""
     device = next(model.parameters()).device
     model.requires_grad_(False)
     out = {}

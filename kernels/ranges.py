@@ -1,4 +1,4 @@
-"""Byte ranges to zero in a safetensors file: element indices coalesced into runs (DESIGN §5)."""
+"""Byte ranges to zero in a safetensors file: element indices coalesced into runs (docs/design.md §6)."""
 
 import numpy as np
 from numba import njit

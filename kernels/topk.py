@@ -1,4 +1,4 @@
-"""Top-k sets (DESIGN §1): dense top-k of a score array, prefixes and checks of ranked score-file entries."""
+"""Top-k sets (docs/design.md §3): dense top-k of a score array, prefixes and checks of ranked score-file entries."""
 
 import numpy as np
 from numba import njit
@@ -151,7 +151,7 @@ def topk_indices(scores, k) -> np.ndarray:
 
     Scores are compared as float32 (the score files' dtype); scores <= 0 and NaN never
     enter, so the result has min(k, number of positive scores) entries. An N-D array is
-    read in row-major order (the flat index of DESIGN §1).
+    read in row-major order (the flat index of docs/design.md §3).
     """
     k = int(k)
     if k < 0:

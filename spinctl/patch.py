@@ -1,4 +1,4 @@
-"""Patching (DESIGN §5): zero the selected elements out of place (streamed, hashed) or in place (undo log first)."""
+"""Patching (docs/design.md §6): zero the selected elements out of place (streamed, hashed) or in place (undo log first)."""
 
 from __future__ import annotations
 
@@ -85,7 +85,42 @@ def manifest(cfg: PatchConfig, sel: SelectionFile, plans: list[ShardPlan], hashe
 
 
 def patch(cfg: PatchConfig, sel: SelectionFile, progress: Reporter | None = None) -> dict:
-    """Apply a selection; returns the manifest (with `output` and `dry_run` added)."""
+    """Apply a selection; returns the manifest (with `output` and `dry_run` added).
+
+    Out of place the output is built in a staging directory and renamed to `cfg.output`;
+    in place the undo log is written and fsynced before any weight byte changes, and the
+    manifest is written last (docs/design.md §6, §8).
+
+    Args:
+        cfg: The model (directory or .safetensors file), `output` or `in_place`, and the
+            `dry_run`, `link`, `no_hash`, `force` and `wait` options.
+        sel: The selection to apply; it must have been made for this model (same
+            fingerprint and tensor shapes).
+        progress: Optional reporter of bytes streamed per weight file (copy or hash);
+            silent when None.
+
+    Returns:
+        The manifest as written to spin-manifest.json (`tool`, `version`, `command`,
+        `parameters`, `fingerprint`, `hashes`, `files`, `tensors`, `undo_sha256`,
+        `totals`), plus `output` (the output directory, or the model itself in place)
+        and `dry_run`. A dry run returns the manifest it would write, without sha256
+        values or `undo_sha256`, with `output` None, and writes nothing.
+
+    Raises:
+        InputError: The model or selection is malformed, the selection was made for
+            another model or names a tensor the model lacks or shapes differently, a
+            lone weight file has a name reserved for spinctl's sidecars, or the model
+            already carries an undo log or manifest of an earlier patch.
+        UnsupportedError: The selection names a tensor whose dtype cannot be zeroed
+            byte-wise (not an IEEE float).
+        OutputError: The output directory is not empty or lies inside the input; in
+            place, a shard to write is a symlink (without `cfg.force`) or has several
+            hard links, the model is already patched, an interrupted patch with another
+            selection left its undo log, or the model cannot be locked for writing; or
+            an output cannot be written.
+        BusyError: Another spinctl holds a conflicting lock on the model and `cfg.wait`
+            is false.
+    """
     progress = progress or Silent()
     # in place: the only writer; out of place: one of any number of readers, never beside a writer
     with ModelLock(cfg.model, exclusive=cfg.in_place and not cfg.dry_run, wait=cfg.wait) as lock:

@@ -1,4 +1,4 @@
-"""Selection (DESIGN §1): which weights to zero, from a retain score file and coupled ones."""
+"""Selection (docs/design.md §4): which weights to zero, from a retain score file and coupled ones."""
 
 from __future__ import annotations
 
@@ -57,14 +57,47 @@ def check_compatible(retain: ScoreFile, couple: list[ScoreFile], p: float, q: fl
 
 
 def select(retain: ScoreFile, couple: list[ScoreFile], p: float, q: float, mode: Mode = Mode.paper) -> dict[str, np.ndarray]:
-    """name -> sorted int64 flat indices to zero, for every scored tensor."""
+    """name -> sorted int64 flat indices to zero, for every scored tensor.
+
+    Args:
+        retain: The retain (general-capability) score file.
+        couple: The coupled score files, at least one; `Mode.reference` takes exactly two,
+            privacy then fairness (checked by `SelectConfig`, not here).
+        p: Fraction of each tensor in the retain top set, k = floor(p · n).
+        q: Fraction of each tensor in each coupled top set.
+        mode: `Mode.paper` (set intersection minus the retain set) or `Mode.reference` (the
+            official code's positional AND); docs/design.md §4.
+
+    Returns:
+        A dict with one entry per tensor of `retain`, in name order: tensor name -> sorted,
+        unique int64 flat indices (row-major in [out, in]); empty where nothing is selected.
+
+    Raises:
+        InputError: A coupled file scored another model or other tensors than `retain`, or
+            `p` (`q`) exceeds the `keep` of the retain (a coupled) file.
+        ValueError: `mode` is not a Mode value.
+    """
     check_compatible(retain, couple, p, q)
     fn = SELECTORS[Mode(mode)]
     return {name: fn(retain, couple, name, p, q) for name in sorted(retain.shapes)}
 
 
 def run_select(cfg: SelectConfig) -> tuple[dict[str, np.ndarray], dict]:
-    """Read the score files, select, and return (selected, selection-file metadata)."""
+    """Read the score files, select, and return (selected, selection-file metadata).
+
+    Args:
+        cfg: The score files, `p`, `q` and the mode.
+
+    Returns:
+        A tuple `(selected, meta)`: `selected` as `select` returns it; `meta` the selection
+        file's metadata without `format`, `kind` and `version` (`mode`, `p`, `q`,
+        `retain_sha256`, `couple_sha256`, `fingerprint`, `shapes`), ready for
+        `write_selection`.
+
+    Raises:
+        InputError: A score file is missing, is not a valid score file, or does not match
+            the others or `p`/`q` (see `select`).
+    """
     retain = read_scores(cfg.retain)
     couple = [read_scores(c) for c in cfg.couple]
     selected = select(retain, couple, cfg.p, cfg.q, cfg.mode)
@@ -78,6 +111,22 @@ def run_select(cfg: SelectConfig) -> tuple[dict[str, np.ndarray], dict]:
 
 
 def select_to_file(cfg: SelectConfig, output: Path) -> dict:
+    """Select from the score files of `cfg` and write the selection file `output` atomically.
+
+    Args:
+        cfg: The score files, `p`, `q` and the mode.
+        output: The selection file to write (.safetensors); missing parent directories are
+            created.
+
+    Returns:
+        The summary: `file`, `mode`, `p`, `q`, `tensors`, `tensors_touched`, `selected`
+        (elements in all) and `per_tensor` (tensor name -> selected count).
+
+    Raises:
+        OutputError: `output` is one of the input score files, or it or its directory
+            cannot be written.
+        InputError: As `run_select`.
+    """
     if any(Path(output).resolve() == Path(f).resolve() for f in (cfg.retain, *cfg.couple)):
         raise OutputError(f"{output}: is one of the input score files; choose another output name")
     selected, meta = run_select(cfg)

@@ -73,7 +73,28 @@ def _edits(tensors: dict[str, TensorEntry], undo: dict[str, UndoEntry], restore:
 
 
 def verify(target: Path, progress: Reporter | None = None) -> dict:
-    """ok only if every manifest hash matches and every selected element reads zero."""
+    """ok only if every manifest hash matches and every selected element reads zero.
+
+    Runs under a shared lock on the model (docs/design.md §7, §9).
+
+    Args:
+        target: A patched directory or .safetensors file; a file that was patched out of
+            place (its spin-* files are its directory's) stands for that directory.
+        progress: Optional reporter of bytes hashed per weight file; silent when None.
+
+    Returns:
+        `ok`, `target` (the path verified), `hashes_checked` (false after `--no-hash`:
+        only the zeros were checked), `files` (weight files), `selected` (elements in the
+        undo log), `hash_mismatches` (files whose sha256 differs from the manifest's
+        `output_sha256`) and `nonzero_tensors` (tensors with a logged element that is not
+        zero). A failed check is reported here, not raised.
+
+    Raises:
+        InputError: `target` does not exist, has no undo log, has no manifest (an
+            interrupted patch: rerun it or revert), or its manifest or undo log is
+            malformed or does not match the checkpoint or each other.
+        BusyError: An in-place patch or revert holds the model.
+    """
     progress = progress or Silent()
     target = _locate(target)
     with ModelLock(target, exclusive=False) as lock:
@@ -107,7 +128,34 @@ def _verify(target: Path, lock: ModelLock, progress: Reporter) -> dict:
 
 
 def revert(target: Path, output: Path | None = None, progress: Reporter | None = None, wait: bool = False) -> dict:
-    """Restore the original bytes: into `output` (a new directory), or in place when output is None."""
+    """Restore the original bytes: into `output` (a new directory), or in place when output is None.
+
+    In place, every file to restore is first hashed as it would read once restored and
+    compared with the manifest's `input_sha256`; only then are bytes written, and the
+    manifest and the undo log (last) removed (docs/design.md §7, §8).
+
+    Args:
+        target: A patched directory or .safetensors file (as for `verify`); an interrupted
+            in-place patch (undo log, no manifest) can be reverted too.
+        output: A new or empty directory outside `target` for the restored checkpoint, or
+            None to restore `target` itself (exclusive lock).
+        progress: Optional reporter of bytes read per weight file; silent when None.
+        wait: Wait for another spinctl's conflicting lock instead of failing.
+
+    Returns:
+        `output` (the restored directory or `target`), `files` (weight files),
+        `restored` (elements restored) and `in_place`.
+
+    Raises:
+        InputError: `target` does not exist or has no undo log, its manifest or undo log is
+            malformed or inconsistent, or (in place) restoring would not give the bytes
+            whose sha256 the manifest recorded; nothing is written then.
+        OutputError: `output` is not empty or lies inside the model's directory, a
+            restored file does not match its recorded sha256 (out of place), a file to
+            restore in place has several hard links, the model cannot be locked for
+            writing, or the output cannot be written.
+        BusyError: Another spinctl holds a conflicting lock and `wait` is false.
+    """
     progress = progress or Silent()
     target = _locate(target)
     with ModelLock(target, exclusive=output is None, wait=wait) as lock:

@@ -1,4 +1,4 @@
-"""Synthetic score files for a checkpoint: random dense scores ranked per DESIGN §1, for select/patch tests."""
+"""Synthetic score files for a checkpoint: random dense scores ranked per docs/design.md §3, for select/patch tests."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 
 def encode(tokenizer, prompt: str, response: str, max_length: int) -> tuple[list[int], int]:
-    """DESIGN §1 written out: prompt with special tokens, response without, cut at the end."""
+    """docs/design.md §2 written out: prompt with special tokens, response without, cut at the end."""
     p = tokenizer(prompt)["input_ids"]
     r = tokenizer(response, add_special_tokens=False)["input_ids"]
     ids = (p + r)[:max_length]

@@ -1,4 +1,4 @@
-"""Every bad input of DESIGN §7 through the real CLI: exit 1, one line naming the file, no traceback, nothing left behind.
+"""Every bad input of docs/design.md §13 through the real CLI: exit 1, one line naming the file, no traceback, nothing left behind.
 
 Each case builds its inputs in its own directory; `outcomes` runs all the selected cases'
 `python -m spinctl` processes concurrently (interpreter start-up dominates), and each

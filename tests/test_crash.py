@@ -1,4 +1,4 @@
-"""Crash recovery (DESIGN §5, §7): a patch or revert that dies part-way is finished or undone by rerunning.
+"""Crash recovery (docs/design.md §6, §8): a patch or revert that dies part-way is finished or undone by rerunning.
 
 In process, `os.pwrite` (the only call that writes ranges in place) raises after N calls;
 in a child process it calls `os._exit(9)` instead, so nothing gets to clean up.

@@ -162,6 +162,28 @@ def make_judge(cfg: EvalConfig):
 
 
 def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict:
+    """Generate greedy answers to the questions of `cfg.prompts` and judge each one's awareness.
+
+    Args:
+        cfg: The model, the prompts file and its column, `limit`, `max_new_tokens`,
+            `batch_size`, the judge (keyword, or a local model with a template), an optional
+            `save` path for the answers, `device` and `dtype`.
+        progress: Optional callback `progress(n)`: one unit per answer generated, and one
+            more per answer judged by a model judge (`eval_steps` gives the total).
+
+    Returns:
+        `model`, `n` (questions asked), `aware`, `unaware`, `unjudgeable`, `rate`
+        (aware / (aware + unaware), None when nothing was judged), `judge` ("keyword" or
+        "model:PATH") and `seconds`. With `cfg.save` the question, answer and verdict of
+        each row are written to that JSON Lines file atomically.
+
+    Raises:
+        InputError: The prompts file is missing, malformed, lacks the column or has no
+            questions; the model, its tokenizer, the judge model or the judge template
+            cannot be loaded; or a CUDA device is asked for where none is available.
+        OutputError: The directory of `cfg.save` does not exist, or the file cannot be
+            written.
+    """
     t0 = time.perf_counter()
     questions = load_questions(cfg.prompts, cfg.column, cfg.limit)
     judge = make_judge(cfg)  # before generating: a bad template fails in a second, not after minutes

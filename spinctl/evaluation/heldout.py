@@ -13,7 +13,7 @@ from spinctl.errors import InputError
 
 @dataclass(frozen=True)
 class Calibrated:
-    """What a score file's metadata says about its calibration data (DESIGN §4)."""
+    """What a score file's metadata says about its calibration data (docs/design.md §5)."""
 
     path: Path
     method: str

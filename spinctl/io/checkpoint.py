@@ -88,7 +88,7 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
 
 
 def read_shard(path: Path) -> Shard:
-    """Parse and validate a safetensors header (DESIGN §7); reads only the header bytes."""
+    """Parse and validate a safetensors header (docs/design.md §13); reads only the header bytes."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -181,7 +181,7 @@ WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5
 
 
 def fingerprint(tensors: dict[str, TensorEntry]) -> str:
-    """DESIGN §4: sha256 of the sorted {name: [dtype, shape]} JSON; independent of sharding."""
+    """docs/design.md §5: sha256 of the sorted {name: [dtype, shape]} JSON; independent of sharding."""
     desc = {name: [t.dtype, list(t.shape)] for name, t in tensors.items()}
     text = json.dumps(desc, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()

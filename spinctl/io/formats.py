@@ -1,4 +1,4 @@
-"""Score and selection files (DESIGN §4): write atomically, read and validate; never unpickle."""
+"""Score and selection files (docs/design.md §5): write atomically, read and validate; never unpickle."""
 
 from __future__ import annotations
 
@@ -23,12 +23,12 @@ SELECTION_KEYS = ("format", "kind", "mode", "p", "q", "retain_sha256", "couple_s
 
 
 def top_count(fraction: float, n: int) -> int:
-    """k = floor(f · n) for a top set (DESIGN §1); the epsilon absorbs 5e-7·n float noise."""
+    """k = floor(f · n) for a top set (docs/design.md §3); the epsilon absorbs 5e-7·n float noise."""
     return int(math.floor(fraction * n + 1e-9))
 
 
 def keep_count(keep: float, n: int) -> int:
-    """K = ceil(keep · n) entries stored per tensor in a score file (DESIGN §4)."""
+    """K = ceil(keep · n) entries stored per tensor in a score file (docs/design.md §5)."""
     return int(math.ceil(keep * n - 1e-9))
 
 

@@ -68,7 +68,7 @@ def check_checkpoint(model_path: Path, ckpt, targets) -> None:
 
 
 def write_score_file(cfg: ScoreConfig, entries: dict, rows, ckpt, dtype, shapes: dict, cal) -> dict:
-    """The score file (DESIGN §4) of `entries`, in target order; returns its metadata."""
+    """The score file (docs/design.md §5) of `entries`, in target order; returns its metadata."""
     meta = score_meta(
         method=cfg.method.value, nsamples=cfg.nsamples, seed=cfg.seed, keep=cfg.keep, targets=cfg.targets,
         max_length=cfg.max_length, dtype=str(dtype).removeprefix("torch."), dataset_sha256=rows.sha256,

@@ -1,4 +1,4 @@
-"""Calibration data (DESIGN §1): read CSV/JSONL prompt/response rows, pick the seeded rows, tokenize."""
+"""Calibration data (docs/design.md §2): read CSV/JSONL prompt/response rows, pick the seeded rows, tokenize."""
 
 from __future__ import annotations
 
@@ -142,7 +142,7 @@ def read_rows(data: str | Path, prompt_column: str = "prompt", response_column: 
 
 
 def select_rows(n_rows: int, nsamples: int, seed: int, path: Path | str = "data") -> np.ndarray:
-    """DESIGN §1: `default_rng(seed).permutation(n_rows)[:nsamples]` (what `datasets` shuffle+select picks)."""
+    """docs/design.md §2: `default_rng(seed).permutation(n_rows)[:nsamples]` (what `datasets` shuffle+select picks)."""
     if nsamples > n_rows:
         raise InputError(f"{path}: has {n_rows} rows, fewer than --nsamples {nsamples}; lower --nsamples to at most {n_rows}")
     return np.random.default_rng(seed).permutation(n_rows)[:nsamples].astype(np.int64)

@@ -76,7 +76,7 @@ def run_pass(model, acc, batches: list[list], pad_id: int, device, first_layer, 
 
 
 def topk_ranked(flat, k: int):
-    """DESIGN §1 top set on the device: k largest positive scores, ties to the smaller index,
+    """The top set (docs/design.md §3) on the device: k largest positive scores, ties to the smaller index,
     in rank order (score desc, index asc). torch.topk orders ties arbitrarily, so it only
     supplies the k-th value; the set is rebuilt from it. flat: fp32 [n]."""
     import numpy as np
@@ -172,6 +172,36 @@ def score(cfg: ScoreConfig, progress: Progress | None = None, *, loaded: LoadedM
     Under torchrun each rank scores its share of the samples, the accumulators are summed
     across ranks and rank 0 writes the file; a failure on any rank fails every rank, and
     rank 0's error names the rank (distributed.py). Other ranks return their own share's summary.
+
+    Args:
+        cfg: The validated options of the run (model, data, output, method, nsamples, seed,
+            keep, targets, ...); with `cfg.stream` the layer-streamed path scores it
+            (docs/design.md §10).
+        progress: Optional callback `progress(advance, total)` counting samples (sample-layer
+            steps with `cfg.stream`); a negative `advance` rewinds the bar when a pass
+            restarts (out-of-memory retry, fp16 loss-scale overflow). Only rank 0's is called.
+        loaded: A model and tokenizer already loaded by `load_model` for this model, reused
+            so that several data sets share one load; ignored with `cfg.stream`.
+
+    Returns:
+        The summary dict. On rank 0 (or a single process): `file`, `method`, `tensors`,
+        `samples`, `skipped`, `tokens`, `seconds`, `tokens_per_s`, `peak_memory_bytes`,
+        `device`, `dtype`, `batch_size`, `pass_seconds`, `loss_scale` and `world_size`;
+        `cfg.stream` adds `stream`, `spilled` and `activation_peak_bytes`. On other ranks:
+        `file` None, `rank`, `method`, `samples`, `tokens`, `seconds`, `device`,
+        `batch_size` (plus `stream`) and `world_size`.
+
+    Raises:
+        InputError: The data file is missing, malformed or too short for `cfg.nsamples`,
+            no sample keeps a response token, the model directory or tokenizer cannot be
+            read, or ranks read different data or models.
+        OutputError: `cfg.output` is a directory, one of the run's inputs, or cannot be
+            written.
+        UnsupportedError: The device is not available, or the model cannot be loaded or
+            scored (architecture, missing or reshaped weights, shared modules).
+        SpinctlError: Out of memory (device or host), or scores that are not finite.
+            Under torchrun also `RankFailed` (another rank failed) and
+            `CommunicationError` (a collective failed or timed out).
     """
     import torch
 

@@ -1,4 +1,4 @@
-"""Importance-score methods (DESIGN §1): per-sample statistics of Linear layers in fp32 accumulators.
+"""Importance-score methods (docs/design.md §2): per-sample statistics of Linear layers in fp32 accumulators.
 
 An accumulator hooks a set of nn.Linear modules (the whole model, or one decoder layer
 when layers are streamed) and adds each batch's statistics into `acc`, a dict

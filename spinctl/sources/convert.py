@@ -11,7 +11,7 @@ from spinctl.io.files import staged_dir
 
 DTYPES = ("float32", "bfloat16", "float16")
 # Decoder-only architectures whose GGUF tensors transformers maps back to its own names and
-# that spinctl scores (their Linear layers are the DESIGN targets). Others are refused up front.
+# that spinctl scores (their decoder Linear layers are the scoring targets, docs/design.md §2). Others are refused up front.
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "stablelm", "starcoder2")
 GGUF_MAGIC = b"GGUF"
 
