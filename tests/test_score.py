@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import score_reference as ref
-from pairdata import write_csv
+from pairdata import sha, write_csv
 from conftest import TEXTS
 from spinctl.errors import InputError, SpinctlError, UnsupportedError
 from spinctl.io.formats import keep_count, read_scores
@@ -254,7 +254,19 @@ def test_jsonl_and_builtin(tiny_model, tmp_path):
     assert resolve("builtin:fairness").name == "fairness.jsonl"
     with pytest.raises(InputError, match="builtin:nope.*builtin:fairness"):
         resolve("builtin:nope")
-    run(tiny_model(), path, tmp_path / "j.safetensors", method="wanda", prompt_column="q", response_column="a")
+    out = tmp_path / "j.safetensors"
+    summary = run(tiny_model(), path, out, method="wanda", prompt_column="q", response_column="a")
+    # The same rows as a prompt/response CSV draw the same samples: the same scores, and the same
+    # metadata but for the data file's hash. Any other column read as prompt or response differs.
+    csv_summary = run(tiny_model(), write_csv(tmp_path / "d.csv", pairs(12)), tmp_path / "c.safetensors", method="wanda")
+    assert summary["samples"] == csv_summary["samples"] == 8 and summary["tokens"] == csv_summary["tokens"]
+    got, want = read_scores(out), read_scores(tmp_path / "c.safetensors")
+    assert got.meta["dataset_rows"] == 12 and got.meta["dataset_sha256"] == sha(path)
+    assert {k: v for k, v in got.meta.items() if k != "dataset_sha256"} == {k: v for k, v in want.meta.items() if k != "dataset_sha256"}
+    assert set(got.indices) == set(want.indices) and got.indices
+    for name in want.indices:
+        np.testing.assert_array_equal(got.indices[name], want.indices[name], err_msg=name)
+        np.testing.assert_array_equal(got.scores[name], want.scores[name], err_msg=name)
 
 
 def test_bad_inputs(tiny_model, data_csv, tmp_path):
