@@ -352,5 +352,13 @@ def test_benchmark_device_path_runs_tiny(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     lines = [json.loads(line) for line in res.stdout.splitlines()]
     assert [line["what"] for line in lines] == ["build", "spinctl_snip_8", "spinctl_snip", "spinctl_wanda", "reference_loop_8"]
-    assert lines[2]["summary"]["samples"] == 16 and lines[2]["fraction_of_peak"] >= 0
+    snip = lines[2]
+    assert snip["summary"]["samples"] == 16
+    # fraction_of_peak = 6 · tokens · scored weights / pass seconds / the H200's 790 dense bf16
+    # TFLOPS, the scored weights being the MLP's: layers · 3 · hidden · intermediate of --shape tiny.
+    assert snip["scored_params"] == 2 * 3 * 64 * 172
+    assert snip["pass_seconds"] == snip["summary"]["pass_seconds"] > 0
+    tflops = 6 * snip["summary"]["tokens"] * snip["scored_params"] / snip["pass_seconds"] / 1e12
+    assert snip["tflops"] == round(tflops, 1) and snip["fraction_of_peak"] == round(tflops / 790.0, 3)
+    assert 0 < tflops <= 790.0  # no device beats its peak: a faster pass means a mismeasured time
     assert lines[-1]["topk_overlap_mean"] >= 0.95
