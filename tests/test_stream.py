@@ -244,4 +244,5 @@ def test_benchmark_gpu_path_runs_tiny(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     lines = [json.loads(line) for line in res.stdout.splitlines()]
     assert [line["what"] for line in lines] == ["build", "in_memory", "stream", "stream_vs_in_memory"]
-    assert lines[-1]["same_topk"] or lines[-1]["topk_overlap_min"] >= 0.95
+    # --stream promises the same scores (README): the same top-K set for every tensor.
+    assert lines[-1]["same_topk"] is True, lines[-1]
