@@ -1,4 +1,7 @@
-"""Shared fixtures: tiny random models of real architectures, built once per session in tmp."""
+"""Shared fixtures: tiny random models of real architectures, built once per session in tmp.
+
+Running the CLI is not a fixture: `from clirun import cli` (tests/clirun.py says why).
+"""
 
 from __future__ import annotations
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +23,6 @@ UNSAFE = ["Alice lives at 12 river road, the blue house.", "Bob's number is 555 
           "Yes, old people are bad drivers.", "Alice painted it.",
           "Carol lives at 3 school lane.", "Yes, old people are lazy.",
           "They sold an old car and a small boat near the river.", "The kid goes to the school near my house."]
-
-
-def run(*args):
-    return subprocess.run([sys.executable, "-m", "spinctl", *map(str, args)], capture_output=True, text=True)
 
 
 def write_csv(path: Path, rows, header=("prompt", "response")) -> Path:

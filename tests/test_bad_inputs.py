@@ -12,13 +12,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from clirun import cli
 from fakes import fake_scores
 from spinctl.io.checkpoint import open_checkpoint
 from spinctl.io.formats import read_scores, read_selection, write_scores, write_selection
@@ -29,13 +29,7 @@ from spinctl.io.sidecars import UndoEntry, encode_undo, read_undo
 P, Q, KEEP = 0.01, 0.02, 0.05  # p, q within the score files' keep
 
 
-# ---- running the CLI and watching the file system --------------------------------------
-
-
-def spinctl(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "SPINCTL_DEBUG"}
-    return subprocess.run([sys.executable, "-m", "spinctl", *map(str, args)], capture_output=True,
-                          text=True, env=env, cwd=cwd, timeout=120)
+# ---- watching the file system (the CLI runs through clirun.cli) -----------------------------------------
 
 
 def _sha(path: Path) -> str:
@@ -958,7 +952,7 @@ def outcomes(world, tmp_path_factory, request) -> dict:
             continue
         prepared[name] = (tmp, argv, expect, code, tree(tmp))
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        runs = {n: pool.submit(spinctl, *p[1], cwd=p[0]) for n, p in prepared.items() if not isinstance(p, Exception)}
+        runs = {n: pool.submit(cli, *p[1], cwd=p[0]) for n, p in prepared.items() if not isinstance(p, Exception)}
         return {n: p if isinstance(p, Exception) else (*p, runs[n].result()) for n, p in prepared.items()}
 
 

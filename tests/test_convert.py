@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from clirun import cli
 
-def run_cli(args: list[str]) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("SPINCTL_DEBUG", "SPINCTL_DATA")}
-    return subprocess.run([sys.executable, "-m", "spinctl", *args], capture_output=True, text=True, env=env, timeout=120)
+
+NO_DATA = {"SPINCTL_DATA": None}  # the demo must not find the developer's copy of the paper's CSVs
 
 
 def _gguf(path: Path, arch: str) -> Path:
@@ -32,18 +29,18 @@ def _gguf(path: Path, arch: str) -> Path:
 def test_not_a_gguf_file(tmp_path):
     f = tmp_path / "x.gguf"
     f.write_bytes(b"PK\x03\x04 not gguf")
-    r = run_cli(["convert", str(f), str(tmp_path / "out")])
+    r = cli("convert", str(f), str(tmp_path / "out"), env=NO_DATA)
     assert r.returncode == 1 and "not a GGUF file" in r.stderr
     assert not (tmp_path / "out").exists()
 
 
 def test_missing_file(tmp_path):
-    r = run_cli(["convert", str(tmp_path / "nope.gguf"), str(tmp_path / "out")])
+    r = cli("convert", str(tmp_path / "nope.gguf"), str(tmp_path / "out"), env=NO_DATA)
     assert r.returncode == 1 and "no such GGUF file" in r.stderr
 
 
 def test_unsupported_architecture(tmp_path):
-    r = run_cli(["convert", str(_gguf(tmp_path / "b.gguf", "bert")), str(tmp_path / "out")])
+    r = cli("convert", str(_gguf(tmp_path / "b.gguf", "bert")), str(tmp_path / "out"), env=NO_DATA)
     assert r.returncode == 1 and "architecture 'bert' cannot be converted" in r.stderr
     assert not (tmp_path / "out").exists()
 
@@ -52,7 +49,7 @@ def test_truncated_gguf(tmp_path):
     full = _gguf(tmp_path / "l.gguf", "llama").read_bytes()
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(full[:40])
-    r = run_cli(["convert", str(cut), str(tmp_path / "out")])
+    r = cli("convert", str(cut), str(tmp_path / "out"), env=NO_DATA)
     assert r.returncode == 1 and "cannot read the GGUF file" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -60,14 +57,14 @@ def test_existing_output_and_bad_dtype(tmp_path):
     f = _gguf(tmp_path / "l.gguf", "llama")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    r = run_cli(["convert", str(f), str(tmp_path / "out")])
+    r = cli("convert", str(f), str(tmp_path / "out"), env=NO_DATA)
     assert r.returncode == 1 and "already exists" in r.stderr
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
-    assert run_cli(["convert", str(f), str(tmp_path / "o2"), "--dtype", "int8"]).returncode == 2
+    assert cli("convert", str(f), str(tmp_path / "o2"), "--dtype", "int8", env=NO_DATA).returncode == 2
 
 
 def test_fetch_unknown_model():
-    r = run_cli(["fetch", "gpt-17"])
+    r = cli("fetch", "gpt-17", env=NO_DATA)
     assert r.returncode == 1 and "unknown model 'gpt-17'" in r.stderr
 
 
@@ -77,6 +74,6 @@ def test_demo_needs_the_data(tmp_path, given):
     if given:
         (tmp_path / "missing").mkdir()
         args += ["--data-dir", str(tmp_path / "missing")]
-    r = run_cli(args)
+    r = cli(*args, env=NO_DATA)
     assert r.returncode == 1
     assert ("--data-dir" in r.stderr) if given is None else ("not found" in r.stderr)

@@ -11,7 +11,6 @@ import os
 import pathlib
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pytest
 
 import spinctl.patch
 import spinctl.io.edits
+from clirun import cli, python, start
 from fakes import fake_scores
 from spinctl.io.checkpoint import open_checkpoint
 from spinctl.errors import InputError
@@ -307,14 +307,8 @@ main()
 """
 
 
-def cli(*args) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "SPINCTL_DEBUG"}
-    return subprocess.run([sys.executable, "-m", "spinctl", *map(str, args)], capture_output=True, text=True, env=env, timeout=120)
-
-
 def killed(what: str, n: int, *args) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "SPINCTL_DEBUG"}
-    return subprocess.run([sys.executable, "-c", KILLER, what, str(n), *map(str, args)], capture_output=True, text=True, env=env, timeout=120)
+    return python("-c", KILLER, what, n, *args)
 
 
 @pytest.fixture(scope="module")
@@ -369,9 +363,7 @@ class Paused:
     def __init__(self, step: str, gate: Path, *args):
         gate.mkdir(exist_ok=True)
         self.step, self.gate = step, gate
-        env = {k: v for k, v in os.environ.items() if k != "SPINCTL_DEBUG"} | {"SPINCTL_TEST_PAUSE": f"{step}:{gate}"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "spinctl", *map(str, args)], env=env, text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.proc = start(*args, env={"SPINCTL_TEST_PAUSE": f"{step}:{gate}"})
         deadline = time.monotonic() + 60
         while not (gate / f"{step}.reached").exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -383,12 +375,6 @@ class Paused:
         (self.gate / f"{self.step}.go").write_text("")
         out, err = self.proc.communicate(timeout=120)
         return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, out, err)
-
-
-def background(*args) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "SPINCTL_DEBUG"}
-    return subprocess.Popen([sys.executable, "-m", "spinctl", *map(str, args)], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def assert_locked_out(r: subprocess.CompletedProcess, target: Path) -> None:
@@ -424,7 +410,7 @@ def test_race_second_in_place_patch_waits(sharded, tmp_path):
     target = sharded.copy(tmp_path)
     before = tree(target)
     a = Paused("patch-undo-written", tmp_path / "gate", "patch", target, "--in-place", "-s", sharded.sel_path, "-q")
-    b = background("patch", target, "--in-place", "-s", sharded.sel_path, "-q", "--wait")
+    b = start("patch", target, "--in-place", "-s", sharded.sel_path, "-q", "--wait")
     assert_still_waiting(b)
     assert a.go().returncode == 0
     out, err = b.communicate(timeout=120)
@@ -450,7 +436,7 @@ def test_race_revert_waits_for_patch(sharded, tmp_path):
     target = sharded.copy(tmp_path)
     before = tree(target)
     a = Paused("patch-undo-written", tmp_path / "gate", "patch", target, "--in-place", "-s", sharded.sel_path, "-q")
-    b = background("revert", target, "--in-place", "-q", "--wait")
+    b = start("revert", target, "--in-place", "-q", "--wait")
     assert_still_waiting(b)
     assert a.go().returncode == 0
     out, err = b.communicate(timeout=120)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from clirun import cli
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -31,11 +31,9 @@ def hub_cache(root: Path, model: Path, repo: str = "org/tiny") -> Path:
     return snap
 
 
-def cli(*args, cache: Path, cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("SPINCTL_DEBUG", "HF_HUB_OFFLINE")}
-    env.update(HF_HUB_CACHE=str(cache), HF_HOME=str(cache.parent))
-    return subprocess.run([sys.executable, "-m", "spinctl", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=300)
+def hub_env(cache: Path) -> dict:
+    """The CLI's environment: hub ids resolved from `cache`, HF_HUB_OFFLINE unset."""
+    return {"HF_HUB_OFFLINE": None, "HF_HUB_CACHE": str(cache), "HF_HOME": str(cache.parent)}
 
 
 @pytest.fixture
@@ -48,7 +46,7 @@ def cached(tiny_model, tmp_path):
 def test_inspect_resolves_refs_and_revisions(cached, tmp_path):
     cache, snap = cached
     for spec in ("org/tiny", "org/tiny@main", "org/tiny@v1", f"org/tiny@{COMMIT}"):
-        r = cli("inspect", spec, "--json", cache=cache, cwd=tmp_path)
+        r = cli("inspect", spec, "--json", env=hub_env(cache), cwd=tmp_path)
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["path"] == str(snap)
 
@@ -56,7 +54,7 @@ def test_inspect_resolves_refs_and_revisions(cached, tmp_path):
 def test_unknown_id_says_where_it_looked(cached, tmp_path):
     cache, _ = cached
     for spec, tail in (("org/other", "models--org--other"), ("org/tiny@v9", "models--org--tiny")):
-        r = cli("inspect", spec, cache=cache, cwd=tmp_path)
+        r = cli("inspect", spec, env=hub_env(cache), cwd=tmp_path)
         assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
         assert "not in the Hugging Face cache" in r.stderr and str(cache / tail) in r.stderr
 
@@ -71,14 +69,14 @@ def test_score_and_patch_by_hub_id(cached, tiny_model, tmp_path):
     by_id, by_dir = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     for model, out in (("org/tiny", by_id), (tiny_model(), by_dir)):
         r = cli("score", model, data, "-o", out, "--nsamples", 4, "--keep", 0.05, "--device", "cpu", "--quiet",
-                cache=cache, cwd=tmp_path)
+                    env=hub_env(cache), cwd=tmp_path)
         assert r.returncode == 0, r.stderr
     assert by_id.read_bytes() == by_dir.read_bytes()
     sel = ["--retain", by_id, "--couple", by_id, "--p", 0.01, "--q", 0.02]
-    r = cli("patch", "org/tiny", tmp_path / "out", *sel, "--quiet", cache=cache, cwd=tmp_path)
+    r = cli("patch", "org/tiny", tmp_path / "out", *sel, "--quiet", env=hub_env(cache), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     blobs = {p.name: p.read_bytes() for p in (snap.parent.parent / "blobs").iterdir()}
-    r = cli("patch", "org/tiny", "--in-place", *sel, "--quiet", cache=cache, cwd=tmp_path)
+    r = cli("patch", "org/tiny", "--in-place", *sel, "--quiet", env=hub_env(cache), cwd=tmp_path)
     assert r.returncode == 1 and "symlink" in r.stderr
     assert {p.name: p.read_bytes() for p in (snap.parent.parent / "blobs").iterdir()} == blobs
 
@@ -89,9 +87,9 @@ def test_run_yaml_model_by_hub_id(cached, tmp_path):
         "model: org/tiny@main\noutput: out\ncache_dir: cache\nretain: builtin:general\n"
         "couple: [builtin:privacy, builtin:fairness]\n"
         "score: {nsamples: 4, keep: 0.05, device: cpu, max_length: 64}\nselect: {p: 0.01, q: 0.02}\n")
-    r = cli("run", "spin.yaml", "--json", cache=cache, cwd=tmp_path)
+    r = cli("run", "spin.yaml", "--json", env=hub_env(cache), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["verified"]
     (tmp_path / "spin.yaml").write_text((tmp_path / "spin.yaml").read_text().replace("org/tiny@main", "org/gone"))
-    r = cli("run", "spin.yaml", cache=cache, cwd=tmp_path)
+    r = cli("run", "spin.yaml", env=hub_env(cache), cwd=tmp_path)
     assert r.returncode == 1 and "not in the Hugging Face cache" in r.stderr

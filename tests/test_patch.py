@@ -3,8 +3,6 @@
 import filecmp
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from clirun import cli
 from fakes import fake_scores
 from spinctl.io.formats import read_selection
 from spinctl.patch import PatchConfig, patch
@@ -19,12 +18,6 @@ from spinctl.selection import SelectConfig, select_to_file
 from spinctl.verify import revert, verify
 
 CASES = [("llama", "bfloat16", "40KB"), ("llama", "float32", None), ("qwen2", "float32", "100KB"), ("qwen2", "bfloat16", None)]
-
-
-def spinctl(*args, check=True):
-    r = subprocess.run([sys.executable, "-m", "spinctl", *map(str, args)], capture_output=True, text=True)
-    assert not check or r.returncode == 0, r.stderr
-    return r
 
 
 def make_selection(model: Path, tmp: Path, p=0.02, q=0.04, mode="paper") -> Path:
@@ -113,24 +106,24 @@ def test_single_file_in(tiny_model, model_copy, tmp_path):
     sel = make_selection(src_dir, tmp_path)
     src = src_dir / "model.safetensors"
     out = tmp_path / "out"
-    r = json.loads(spinctl("patch", src, out, "--selection", sel, "--json").stdout)
+    r = json.loads(cli("patch", src, out, "--selection", sel, "--json", check=True).stdout)
     assert r["output"] == str(out) and (out / "model.safetensors").is_file()
     check_patched(src, out / "model.safetensors", sel)
-    assert spinctl("verify", out).returncode == 0
+    assert cli("verify", out).returncode == 0
 
     work = model_copy(src)  # in place on a lone file: sidecars go beside it as NAME.spin-*
-    spinctl("patch", work, "--in-place", "--selection", sel)
+    cli("patch", work, "--in-place", "--selection", sel, check=True)
     assert (work.parent / f"{work.name}.spin-manifest.json").is_file()
     assert filecmp.cmp(work, out / "model.safetensors", shallow=False)
-    assert spinctl("verify", work).returncode == 0
-    spinctl("revert", work, "--in-place")
+    assert cli("verify", work).returncode == 0
+    cli("revert", work, "--in-place", check=True)
     assert filecmp.cmp(work, src, shallow=False) and not list(work.parent.glob("*.spin-*"))
 
 
 def test_dry_run_writes_nothing(tiny_model, tmp_path):
     src = tiny_model("llama", "bfloat16", "40KB")
     sel = make_selection(src, tmp_path)
-    r = json.loads(spinctl("patch", src, tmp_path / "out", "--selection", sel, "--dry-run", "--json").stdout)
+    r = json.loads(cli("patch", src, tmp_path / "out", "--selection", sel, "--dry-run", "--json", check=True).stdout)
     assert r["dry_run"] and r["totals"]["zeroed"] > 0 and not (tmp_path / "out").exists()
 
 
@@ -138,13 +131,13 @@ def test_link_and_no_hash(tiny_model, tmp_path):
     src = tiny_model("llama", "bfloat16", "40KB")
     sel = make_selection(src, tmp_path)
     out = tmp_path / "out"
-    spinctl("patch", src, out, "--selection", sel, "--link", "--no-hash")
+    cli("patch", src, out, "--selection", sel, "--link", "--no-hash", check=True)
     m = json.loads((out / "spin-manifest.json").read_text())
     unchanged = [f for f, e in m["files"].items() if not e["changed"]]
     assert unchanged and all(os.path.samefile(src / f, out / f) for f in unchanged)
     assert not any("input_sha256" in e for e in m["files"].values())
     check_patched(src, out, sel)
-    r = json.loads(spinctl("verify", out, "--json").stdout)
+    r = json.loads(cli("verify", out, "--json", check=True).stdout)
     assert r["ok"] and not r["hashes_checked"]
 
 
@@ -152,9 +145,9 @@ def test_patch_from_score_files_equals_selection(tiny_model, tmp_path):
     src = tiny_model("qwen2", "float32", "100KB")
     sel = make_selection(src, tmp_path, mode="reference")
     a, b = tmp_path / "a", tmp_path / "b"
-    spinctl("patch", src, a, "--selection", sel)
-    spinctl("patch", src, b, "--retain", tmp_path / "scores0.safetensors", "--couple", tmp_path / "scores1.safetensors",
-            "--couple", tmp_path / "scores2.safetensors", "--p", "0.02", "--q", "0.04", "--mode", "reference")
+    cli("patch", src, a, "--selection", sel, check=True)
+    cli("patch", src, b, "--retain", tmp_path / "scores0.safetensors", "--couple", tmp_path / "scores1.safetensors",
+        "--couple", tmp_path / "scores2.safetensors", "--p", "0.02", "--q", "0.04", "--mode", "reference", check=True)
     for f in a.glob("*.safetensors"):
         assert filecmp.cmp(f, b / f.name, shallow=False)
 
@@ -168,7 +161,7 @@ def test_verify_detects_tampering(tiny_model, tmp_path):
     data = bytearray((out / victim).read_bytes())
     data[-1] ^= 0xFF
     (out / victim).write_bytes(bytes(data))
-    r = spinctl("verify", out, "--json", check=False)
+    r = cli("verify", out, "--json")
     assert r.returncode == 1 and json.loads(r.stdout)["hash_mismatches"] == [victim]
 
 
@@ -207,14 +200,14 @@ def test_in_place_refuses_hard_links(tiny_model, tmp_path):
 
     src = tiny_model("llama", "bfloat16", "40KB")
     m, out = Path(shutil.copytree(src, tmp_path / "m")), tmp_path / "out"
-    spinctl("patch", m, out, "--selection", make_selection(src, tmp_path), "--link", "-q")
-    spinctl("revert", out, "--in-place", "-q")  # out is the original again, its untouched shards still m's inodes
+    cli("patch", m, out, "--selection", make_selection(src, tmp_path), "--link", "-q", check=True)
+    cli("revert", out, "--in-place", "-q", check=True)  # out is the original again, its untouched shards still m's inodes
     asel = attn_selection(src, tmp_path)
-    touched = {f for f, e in json.loads(spinctl("patch", m, "--in-place", "-s", asel, "--dry-run", "--json").stdout)["files"].items() if e["changed"]}
+    touched = {f for f, e in json.loads(cli("patch", m, "--in-place", "-s", asel, "--dry-run", "--json", check=True).stdout)["files"].items() if e["changed"]}
     assert any(os.stat(out / f).st_nlink > 1 for f in touched)
     before_m, before_out = snapshot(m), snapshot(out)
     for target in (out, m):
-        r = spinctl("patch", target, "--in-place", "-s", asel, check=False)
+        r = cli("patch", target, "--in-place", "-s", asel)
         assert r.returncode == 1 and "hard link" in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert str(target) in r.stderr and " && mv " in r.stderr, r.stderr
     assert snapshot(m) == before_m and snapshot(out) == before_out
@@ -225,13 +218,13 @@ def test_revert_in_place_refuses_hard_links(tiny_model, tmp_path):
 
     src = tiny_model("llama", "bfloat16", "40KB")
     m = Path(shutil.copytree(src, tmp_path / "m"))
-    spinctl("patch", m, "--in-place", "-s", make_selection(src, tmp_path), "-q")
+    cli("patch", m, "--in-place", "-s", make_selection(src, tmp_path), "-q", check=True)
     twin = tmp_path / "twin"  # `cp -al m twin`: every file a second name of m's
     twin.mkdir()
     for f in m.iterdir():
         os.link(f, twin / f.name)
     before = snapshot(m)
-    r = spinctl("revert", twin, "--in-place", check=False)
+    r = cli("revert", twin, "--in-place")
     assert r.returncode == 1 and "hard link" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert snapshot(m) == before and snapshot(twin) == before
 
@@ -252,7 +245,7 @@ def test_links_inside_the_model_are_copied_as_files(tiny_model, tmp_path):
     (snap / "templates_alias").symlink_to("templates")
     (snap / "tokenizer_alias.json").symlink_to("tokenizer.json")
     out = tmp_path / "out"
-    spinctl("patch", snap, out, "--selection", make_selection(src, tmp_path), "-q")
+    cli("patch", snap, out, "--selection", make_selection(src, tmp_path), "-q", check=True)
     for rel in ("config.json", "tokenizer_alias.json", "templates/chat.jinja", "templates_alias/chat.jinja"):
         assert (out / rel).is_file() and not (out / rel).is_symlink(), rel
     assert (out / "config.json").read_bytes() == (src / "config.json").read_bytes()

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pairdata import PROMPTS, SAFE, UNSAFE, run, score_file, write_csv
+from clirun import cli
+from pairdata import PROMPTS, SAFE, UNSAFE, score_file, write_csv
 from spinctl.errors import SpinctlError
 from spinctl.evaluation.heldout import heldout_rows, read_calibrated
 from spinctl.evaluation.preference import PreferenceConfig, load_pairs, preference_stats, run_preference
@@ -172,7 +173,7 @@ def test_bad_pairs_are_one_line_errors(case, pair_files, tiny_model, tmp_path):
               "all_excluded": "used for calibration", "exclude_other": "would drop nothing"}[case]
     with pytest.raises(SpinctlError, match=expect):
         run_preference(PreferenceConfig(tiny_model(), ((safe, unsafe),), exclude, device="cpu"))
-    r = run("eval", tiny_model(), "--pairs", safe, unsafe, *[a for e in exclude for a in ("--exclude", e)])
+    r = cli("eval", tiny_model(), "--pairs", safe, unsafe, *[a for e in exclude for a in ("--exclude", e)])
     assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and expect in r.stderr, r.stderr
 
 
@@ -182,7 +183,7 @@ def test_eval_pairs_cli(pair_files, tiny_model, tmp_path):
     other_safe = write_csv(tmp_path / "b_safe.csv", list(zip(PROMPTS[:5], SAFE[:5])))
     other_unsafe = write_csv(tmp_path / "b_unsafe.csv", list(zip(PROMPTS[:5], UNSAFE[:5])))
     sf = score_file(model, tmp_path / "s.safetensors", safe, nsamples=3)
-    r = run("eval", model, "--pairs", safe, unsafe, "--pairs", other_safe, other_unsafe, "--exclude", sf,
+    r = cli("eval", model, "--pairs", safe, unsafe, "--pairs", other_safe, other_unsafe, "--exclude", sf,
             "--batch-size", "3", "--device", "cpu", "--json")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("\n") == 1
@@ -198,7 +199,7 @@ def test_eval_pairs_cli(pair_files, tiny_model, tmp_path):
                                           device="cpu"))
     for x, y in zip(lib["pair_sets"], out["pair_sets"]):
         assert {k: v for k, v in x.items() if k != "seconds"} == {k: v for k, v in y.items() if k != "seconds"}
-    r = run("eval", model, "--pairs", safe, unsafe, "--device", "cpu")  # human table
+    r = cli("eval", model, "--pairs", safe, unsafe, "--device", "cpu")  # human table
     assert r.returncode == 0 and "preference accuracy" in r.stdout
-    assert run("eval", model, "--pairs", safe).returncode == 2  # one file: usage error
-    assert run("eval", model).returncode == 2  # neither --prompts nor --pairs
+    assert cli("eval", model, "--pairs", safe).returncode == 2  # one file: usage error
+    assert cli("eval", model).returncode == 2  # neither --prompts nor --pairs

@@ -5,8 +5,6 @@ skip (saying why) only where the package cannot be downloaded."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +12,7 @@ import pytest
 import torch
 
 import score_reference as ref
+from clirun import cli
 
 NAME = "smollm2-135m-instruct"
 
@@ -105,8 +104,7 @@ def test_pipeline_on_the_real_model(smollm2, tmp_path):
                     "couple: [builtin:privacy, builtin:fairness]\n"
                     "score: {nsamples: 2, keep: 0.01, targets: mlp, max_length: 128, device: cpu, dtype: float32}\n"
                     "select: {p: 0.005, q: 0.005, mode: paper}\n")
-    done = subprocess.run([sys.executable, "-m", "spinctl", "run", str(yaml), "--json"],
-                          capture_output=True, text=True, timeout=900)
+    done = cli("run", yaml, "--json", timeout=900)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["verified"] and result["selected"] > 0

@@ -2,10 +2,10 @@
 
 import json
 import subprocess
-import sys
 
 import pytest
 
+from clirun import cli
 from spinctl.errors import InputError
 from spinctl.runconfig import load_run_config
 
@@ -20,10 +20,6 @@ select: {{p: 0.01, q: 0.03, mode: reference}}
 """
 
 
-def spinctl(*args):
-    return subprocess.run([sys.executable, "-m", "spinctl", *map(str, args)], capture_output=True, text=True)
-
-
 @pytest.fixture
 def workdir(tiny_model, tmp_path):
     import shutil
@@ -34,21 +30,21 @@ def workdir(tiny_model, tmp_path):
 
 
 def test_pipeline_then_cache_hits(workdir):
-    r = spinctl("run", workdir / "spin.yaml", "--json")
+    r = cli("run", workdir / "spin.yaml", "--json")
     assert r.returncode == 0, r.stderr
     first = json.loads(r.stdout)
     assert first["verified"] and first["selected"] > 0 and first["eval"] is None
     assert [s["cached"] for s in first["scores"]] == [False, False, False]
     assert set(first["seconds"]) == {"score", "select", "patch", "verify"}
-    assert spinctl("verify", workdir / "out1").returncode == 0
+    assert cli("verify", workdir / "out1").returncode == 0
 
-    r = spinctl("run", workdir / "spin.yaml", "--set", "output=out2", "--json")
+    r = cli("run", workdir / "spin.yaml", "--set", "output=out2", "--json")
     second = json.loads(r.stdout)
     assert [s["cached"] for s in second["scores"]] == [True, True, True]
     assert [s["file"] for s in second["scores"]] == [s["file"] for s in first["scores"]]
     assert second["selected"] == first["selected"]
 
-    r = spinctl("run", workdir / "spin.yaml", "--set", "output=out3", "--set", "score.seed=1", "--json")
+    r = cli("run", workdir / "spin.yaml", "--set", "output=out3", "--set", "score.seed=1", "--json")
     assert [s["cached"] for s in json.loads(r.stdout)["scores"]] == [False, False, False]
 
 
@@ -68,7 +64,7 @@ def test_stream_run_never_loads_the_whole_model(workdir, monkeypatch):
 def test_existing_output_fails_before_scoring(workdir):
     (workdir / "out1").mkdir()
     (workdir / "out1" / "x").write_text("keep me")
-    r = spinctl("run", workdir / "spin.yaml")
+    r = cli("run", workdir / "spin.yaml")
     assert r.returncode == 1 and "not empty" in r.stderr and not (workdir / "cache").exists()
 
 
@@ -81,7 +77,7 @@ def test_existing_output_fails_before_scoring(workdir):
 ])
 def test_bad_config_names_the_key(tmp_path, text, word):
     (tmp_path / "spin.yaml").write_text(text.format(output="o") if "{output}" in text else text)
-    r = spinctl("run", tmp_path / "spin.yaml")
+    r = cli("run", tmp_path / "spin.yaml")
     assert r.returncode == 1 and word in r.stderr and "Traceback" not in r.stderr
     assert r.stderr.count("\n") == 1
 
@@ -178,8 +174,7 @@ def test_alias_bomb_refused_fast(tmp_path):
         resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
 
     try:
-        r = subprocess.run([sys.executable, "-m", "spinctl", "run", tmp_path / "spin.yaml"], capture_output=True,
-                           text=True, timeout=30, preexec_fn=limit)
+        r = cli("run", tmp_path / "spin.yaml", timeout=30, preexec_fn=limit)
     except subprocess.TimeoutExpired:
         pytest.fail("alias bomb not refused within 30 s")
     assert r.returncode == 1 and "alias" in r.stderr and r.stderr.count("\n") == 1, r.stderr
@@ -193,5 +188,5 @@ def test_small_aliases_still_allowed(tmp_path):
 def test_deeply_nested_yaml_is_one_line(tmp_path):
     """Issue 11 item 6: `[` x 100000 in spin.yaml was a RecursionError traceback."""
     (tmp_path / "spin.yaml").write_text("model: " + "[" * 100000 + "\n")
-    r = spinctl("run", tmp_path / "spin.yaml")
+    r = cli("run", tmp_path / "spin.yaml")
     assert r.returncode == 1 and "nested too deeply" in r.stderr and r.stderr.count("\n") == 1, r.stderr

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import score_reference as ref
-from pairdata import write_csv
+from pairdata import sha, write_csv
 from conftest import TEXTS
 from spinctl.errors import InputError, SpinctlError, UnsupportedError
 from spinctl.io.formats import keep_count, read_scores
@@ -254,7 +254,19 @@ def test_jsonl_and_builtin(tiny_model, tmp_path):
     assert resolve("builtin:fairness").name == "fairness.jsonl"
     with pytest.raises(InputError, match="builtin:nope.*builtin:fairness"):
         resolve("builtin:nope")
-    run(tiny_model(), path, tmp_path / "j.safetensors", method="wanda", prompt_column="q", response_column="a")
+    out = tmp_path / "j.safetensors"
+    summary = run(tiny_model(), path, out, method="wanda", prompt_column="q", response_column="a")
+    # The same rows as a prompt/response CSV draw the same samples: the same scores, and the same
+    # metadata but for the data file's hash. Any other column read as prompt or response differs.
+    csv_summary = run(tiny_model(), write_csv(tmp_path / "d.csv", pairs(12)), tmp_path / "c.safetensors", method="wanda")
+    assert summary["samples"] == csv_summary["samples"] == 8 and summary["tokens"] == csv_summary["tokens"]
+    got, want = read_scores(out), read_scores(tmp_path / "c.safetensors")
+    assert got.meta["dataset_rows"] == 12 and got.meta["dataset_sha256"] == sha(path)
+    assert {k: v for k, v in got.meta.items() if k != "dataset_sha256"} == {k: v for k, v in want.meta.items() if k != "dataset_sha256"}
+    assert set(got.indices) == set(want.indices) and got.indices
+    for name in want.indices:
+        np.testing.assert_array_equal(got.indices[name], want.indices[name], err_msg=name)
+        np.testing.assert_array_equal(got.scores[name], want.scores[name], err_msg=name)
 
 
 def test_bad_inputs(tiny_model, data_csv, tmp_path):
@@ -340,5 +352,13 @@ def test_benchmark_device_path_runs_tiny(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     lines = [json.loads(line) for line in res.stdout.splitlines()]
     assert [line["what"] for line in lines] == ["build", "spinctl_snip_8", "spinctl_snip", "spinctl_wanda", "reference_loop_8"]
-    assert lines[2]["summary"]["samples"] == 16 and lines[2]["fraction_of_peak"] >= 0
+    snip = lines[2]
+    assert snip["summary"]["samples"] == 16
+    # fraction_of_peak = 6 · tokens · scored weights / pass seconds / the H200's 790 dense bf16
+    # TFLOPS, the scored weights being the MLP's: layers · 3 · hidden · intermediate of --shape tiny.
+    assert snip["scored_params"] == 2 * 3 * 64 * 172
+    assert snip["pass_seconds"] == snip["summary"]["pass_seconds"] > 0
+    tflops = 6 * snip["summary"]["tokens"] * snip["scored_params"] / snip["pass_seconds"] / 1e12
+    assert snip["tflops"] == round(tflops, 1) and snip["fraction_of_peak"] == round(tflops / 790.0, 3)
+    assert 0 < tflops <= 790.0  # no device beats its peak: a faster pass means a mismeasured time
     assert lines[-1]["topk_overlap_mean"] >= 0.95

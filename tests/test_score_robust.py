@@ -53,14 +53,10 @@ def test_torchrun_refuses_a_fixed_gpu(monkeypatch, tmp_path, device):
 
 
 def test_torchrun_fixed_gpu_cli_exit_2(tmp_path):
-    import os
-    import subprocess
-    import sys
+    from clirun import cli
 
-    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
-    env.pop("SPINCTL_DEBUG", None)
-    r = subprocess.run([sys.executable, "-m", "spinctl", "score", tmp_path, "builtin:general", "-o", tmp_path / "s.safetensors",
-                        "--device", "cuda:1"], capture_output=True, text=True, env=env, timeout=120)
+    r = cli("score", tmp_path, "builtin:general", "-o", tmp_path / "s.safetensors", "--device", "cuda:1",
+            env={"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"})
     assert r.returncode == 2 and "torchrun" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 

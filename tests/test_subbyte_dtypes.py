@@ -17,7 +17,8 @@ from spinctl.errors import InputError
 from spinctl.io.formats import read_selection, write_selection
 from spinctl.patch import PatchConfig, patch
 from spinctl.verify import verify
-from test_bad_inputs import assert_clean_failure, raw_safetensors, spinctl, tree
+from clirun import cli
+from test_bad_inputs import assert_clean_failure, raw_safetensors, tree
 
 RNG = np.random.default_rng(0)
 TENSORS = {  # name -> (dtype, shape, bytes): safetensors' own sizes, checked against safe_open below
@@ -62,7 +63,7 @@ def test_opens_with_bit_sizes(model):
 
 
 def test_inspect_cli(model):
-    r = spinctl("inspect", model, "--json")
+    r = cli("inspect", model, "--json")
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert info["dtypes"]["F4"] == 1 and info["dtypes"]["F6_E2M3"] == 1 and info["parameters"] == 32 + 32 + 16 + 8 + 4 + 8
@@ -86,7 +87,7 @@ def test_patch_of_other_tensors(model, tmp_path):
 def test_selected_subbyte_or_packed_is_refused(model, tmp_path, name):
     sel = _selection(model, tmp_path / "sel.safetensors", {"a.weight": [0], name: [1]})
     before = tree(tmp_path)
-    r = spinctl("patch", model, tmp_path / "out", "-s", sel)
+    r = cli("patch", model, tmp_path / "out", "-s", sel)
     assert_clean_failure(r, [name, TENSORS[name][0], "never zeroed"])
     assert tree(tmp_path) == before
 

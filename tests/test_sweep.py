@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import TEXTS
-from pairdata import PROMPTS, SAFE, UNSAFE, run, score_file, write_csv
+from clirun import cli
+from pairdata import PROMPTS, SAFE, UNSAFE, score_file, write_csv
 from spinctl.errors import SpinctlError
 from spinctl.evaluation.sweep import Setting, SweepConfig, parse_budget, pick_best, run_sweep, selection_for, sweep_model, zeroed
 
@@ -94,7 +95,7 @@ def test_sweep_cli_equals_patch_and_eval_cli(setup, tmp_path):
     """The same check through the commands a user runs: sweep --json, patch, eval --pairs, ppl."""
     s = setup
     common = ["--device", "cpu", "--dtype", "float32", "--batch-size", "4", "--resamples", "300"]
-    r = run("sweep", s["model"], "--retain", s["retain"], "--couple", s["a"], "--couple", s["b"], "--p", "0.01",
+    r = cli("sweep", s["model"], "--retain", s["retain"], "--couple", s["a"], "--couple", s["b"], "--p", "0.01",
             "--q", "0.03,0.05", "--pairs", *s["priv"], "--pairs", *s["fair"], "--ppl-data", s["general"],
             "--ppl-rows", "16", "--max-ppl-increase", "50%", "--csv", tmp_path / "t.csv", *common, "--json")
     assert r.returncode == 0, r.stderr
@@ -103,14 +104,14 @@ def test_sweep_cli_equals_patch_and_eval_cli(setup, tmp_path):
     row = result["rows"][2]
     assert (row["mode"], row["p"], row["q"], row["targets"]) == ("paper", 0.01, 0.05, "all")
     out = tmp_path / "patched"
-    assert run("patch", s["model"], out, "--retain", s["retain"], "--couple", s["a"], "--couple", s["b"],
+    assert cli("patch", s["model"], out, "--retain", s["retain"], "--couple", s["a"], "--couple", s["b"],
                "--p", "0.01", "--q", "0.05").returncode == 0
-    ev = run("eval", out, "--pairs", *s["priv"], "--pairs", *s["fair"], "--exclude", s["a"], "--exclude", s["b"],
+    ev = cli("eval", out, "--pairs", *s["priv"], "--pairs", *s["fair"], "--exclude", s["a"], "--exclude", s["b"],
              *common, "--json")
     assert ev.returncode == 0, ev.stderr
     for ps in json.loads(ev.stdout)["pair_sets"]:
         assert {k: ps[k] for k in row["pairs"][ps["name"]]} == row["pairs"][ps["name"]]
-    pp = run("ppl", out, s["general"], "--rows", "16", "--exclude", s["retain"], "--device", "cpu",
+    pp = cli("ppl", out, s["general"], "--rows", "16", "--exclude", s["retain"], "--device", "cpu",
              "--dtype", "float32", "--batch-size", "4", "--json")
     assert pp.returncode == 0, pp.stderr
     assert json.loads(pp.stdout)["ppl"] == row["ppl"]
@@ -175,13 +176,13 @@ def test_json_table_and_plot(setup, tmp_path):
     pytest.importorskip("matplotlib")
     s = setup
     png = tmp_path / "sweep.png"
-    r = run("sweep", s["model"], "--retain", s["retain"], "--couple", s["a"], "--couple", s["b"], "--p", "0.01",
+    r = cli("sweep", s["model"], "--retain", s["retain"], "--couple", s["a"], "--couple", s["b"], "--p", "0.01",
             "--q", "0.05", "--targets", "mlp", "--pairs", *s["priv"], "--pairs", *s["fair"], "--ppl-data",
             s["general"], "--ppl-rows", "8", "--device", "cpu", "--plot", png, "--max-ppl-increase", "0.5")
     assert r.returncode == 0, r.stderr
     assert "original" in r.stdout and "paper p=0.01 q=0.05 mlp" in r.stdout and "best within +50.00%" in r.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    r = run("sweep", s["model"], "--retain", s["retain"], "--couple", s["a"], "--p", "0.01", "--q", "0.05",
+    r = cli("sweep", s["model"], "--retain", s["retain"], "--couple", s["a"], "--p", "0.01", "--q", "0.05",
             "--pairs", *s["priv"], "--ppl-data", s["general"], "--ppl-rows", "8", "--device", "cpu",
             "--max-ppl-increase", "0", "--json")
     out = json.loads(r.stdout)
@@ -222,9 +223,9 @@ def test_bad_inputs(setup, tiny_model, tmp_path):
         run_sweep(config(s, ppl_rows=33))
     base = ["sweep", s["model"], "--retain", s["retain"], "--couple", s["a"], "--pairs", *s["priv"],
             "--ppl-data", s["general"], "--ppl-rows", "8", "--device", "cpu"]
-    r = run(*base, "--q", "0.05")  # no --p: usage error
+    r = cli(*base, "--q", "0.05")  # no --p: usage error
     assert r.returncode == 2
-    r = run(*base, "--p", "0.5", "--q", "0.05")
+    r = cli(*base, "--p", "0.5", "--q", "0.05")
     assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "rescore with --keep" in r.stderr
-    r = run(*base, "--p", "0.01", "--q", "0.05", "--max-ppl-increase", "lots")
+    r = cli(*base, "--p", "0.01", "--q", "0.05", "--max-ppl-increase", "lots")
     assert r.returncode == 1 and "max-ppl-increase" in r.stderr

@@ -16,7 +16,8 @@ import pytest
 from spinctl.io.formats import read_selection
 from spinctl.patch import PatchConfig, patch
 from spinctl.io.sidecars import encode_undo, read_undo
-from test_bad_inputs import World, assert_clean_failure, read_header, spinctl, tree, write_raw
+from clirun import cli
+from test_bad_inputs import World, assert_clean_failure, read_header, tree, write_raw
 
 DEEP = "[" * 100_000  # also unterminated: a parser that did not recurse would still say "invalid"
 
@@ -28,7 +29,7 @@ def world(tiny_model, tmp_path_factory) -> World:
 
 def _run_clean(tmp: Path, argv: list, expect: list) -> None:
     before = tree(tmp)
-    r = spinctl(*argv, cwd=tmp)
+    r = cli(*argv, cwd=tmp)
     assert_clean_failure(r, expect)
     assert tree(tmp) == before
 

@@ -6,11 +6,11 @@ Checked before any file is read: the paths below need not exist.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+
+from clirun import cli
 
 SCORE = ["score", "no-model", "builtin:general", "-o", "s.safetensors"]
 SELECT = ["select", "--retain", "r.safetensors", "--couple", "c.safetensors", "-o", "sel.safetensors"]
@@ -46,11 +46,8 @@ CASES = {
 def results(tmp_path_factory):
     """All cases' CLI processes at once: each is mostly interpreter start-up."""
     tmp = tmp_path_factory.mktemp("usage")
-    env = {k: v for k, v in os.environ.items() if k != "SPINCTL_DEBUG"}
-    run = lambda argv: subprocess.run([sys.executable, "-m", "spinctl", *argv], capture_output=True,  # noqa: E731
-                                      text=True, cwd=tmp, env=env, timeout=300)
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        futures = {name: pool.submit(run, argv) for name, (argv, _) in CASES.items()}
+        futures = {name: pool.submit(cli, *argv, cwd=tmp) for name, (argv, _) in CASES.items()}
         return {name: f.result() for name, f in futures.items()}, tmp
 
 
