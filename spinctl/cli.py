@@ -343,7 +343,7 @@ def eval_(
         for m in models:
             one = {}
             if prompts is not None:
-                cfg = EvalConfig(m, resolve(prompts), **opts)
+                cfg = EvalConfig(m, resolve(prompts), **{**opts, "save": _save_path(opts["save"], m is compare)})
                 one["awareness"] = evaluate(cfg, rep.task(f"evaluating {m.name}", eval_steps(cfg)))
             if pair_files:
                 pcfg = PreferenceConfig(m, pair_files, tuple(exclude or ()), opts["batch_size"], max_length, resamples,
@@ -354,6 +354,11 @@ def eval_(
             results.append(one if len(one) == 2 else next(iter(one.values())))
     result = results[0] if not compare else {"original": results[0], "compare": results[1]}
     emit(result, json_out, lambda r: _print_eval(results))
+
+
+def _save_path(save: Optional[Path], compared: bool) -> Optional[Path]:
+    """--save FILE: the --compare model's answers go beside it (NAME.compare.jsonl), not over the original's."""
+    return save.with_name(f"{save.stem}.compare{save.suffix}") if save and compared else save
 
 
 def _wide_console():

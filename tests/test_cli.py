@@ -78,9 +78,12 @@ def test_eval_and_ppl_commands(tiny_model, tmp_path):
     assert json.loads(r.stdout)["tensors"] == {"lm_head.weight": vocab * hidden}
 
     r = cli("eval", model, "--prompts", "builtin:eval_prompts", "--limit", "4", "--max-new-tokens", "4",
-            "--compare", patched, "--device", "cpu", "--json")
+            "--compare", patched, "--device", "cpu", "--save", tmp_path / "a.jsonl", "--json")
     assert r.returncode == 0, r.stderr
     both = json.loads(r.stdout)
+    saved = {name: [json.loads(line)["answer"] for line in (tmp_path / name).read_text().splitlines()]
+             for name in ("a.jsonl", "a.compare.jsonl")}  # one file per model, not one over the other
+    assert any(saved["a.jsonl"]) and not any(saved["a.compare.jsonl"]), saved
     original, compare = both["original"], both["compare"]
     assert original["model"] == str(model) and compare["model"] == str(patched)
     assert original["n"] == compare["n"] == 4
