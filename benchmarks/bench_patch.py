@@ -37,7 +37,7 @@ def write_shard(path: Path, tensors: dict[str, tuple[int, int]], rng: np.random.
     raw += b" " * (-len(raw) % 8)
     with open(path, "wb") as f:
         f.write(len(raw).to_bytes(8, "little") + raw)
-        for name, (rows, cols) in tensors.items():
+        for rows, cols in tensors.values():
             f.write(rng.integers(0, 2**16, rows * cols, dtype=np.uint16).tobytes())
 
 
@@ -52,7 +52,9 @@ def build(root: Path, shards: int, per_shard: int, shape: tuple[int, int], per_t
         names = {f"model.layers.{s * per_shard + i}.mlp.up_proj.weight": shape for i in range(per_shard)}
         write_shard(model / fn, names, rng)
         weight_map.update({n: fn for n in names})
-    (model / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+    (model / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2)
+    )
     (model / "config.json").write_text(json.dumps({"model_type": "llama"}))
     ck = open_checkpoint(model)
     n = shape[0] * shape[1]
@@ -60,8 +62,15 @@ def build(root: Path, shards: int, per_shard: int, shape: tuple[int, int], per_t
     for name, t in ck.tensors.items():
         hit = int(t.file.name[6:11]) <= touched
         selected[name] = np.unique(rng.integers(0, n, per_tensor)) if hit else np.zeros(0, np.int64)
-    meta = {"mode": "paper", "p": 0.0, "q": 0.0, "retain_sha256": "", "couple_sha256": [],
-            "fingerprint": ck.fingerprint(), "shapes": {k: list(shape) for k in selected}}
+    meta = {
+        "mode": "paper",
+        "p": 0.0,
+        "q": 0.0,
+        "retain_sha256": "",
+        "couple_sha256": [],
+        "fingerprint": ck.fingerprint(),
+        "shapes": {k: list(shape) for k in selected},
+    }
     write_selection(root / "selection.safetensors", selected, meta)
     return model
 
@@ -101,16 +110,38 @@ def main() -> None:
             shutil.rmtree(cp)
             shutil.rmtree(out)
         base, spin = statistics.median(base_t), statistics.median(spin_t)
-        print(json.dumps({"bench": "patch_out_of_place", "bytes": size, "spinctl_s": round(spin, 3),
-                          "baseline": "cp -r + sha256sum", "baseline_s": round(base, 3),
-                          "ratio": round(spin / base, 3), "target_ratio": 1.3, "runs": args.repeats}))
+        print(
+            json.dumps(
+                {
+                    "bench": "patch_out_of_place",
+                    "bytes": size,
+                    "spinctl_s": round(spin, 3),
+                    "baseline": "cp -r + sha256sum",
+                    "baseline_s": round(base, 3),
+                    "ratio": round(spin / base, 3),
+                    "target_ratio": 1.3,
+                    "runs": args.repeats,
+                }
+            )
+        )
         work = root / "work"
         shutil.copytree(model, work)
-        wall, peak = timed(SPINCTL + ["patch", str(work), "--in-place", "--no-hash", "--selection", str(sel), "--quiet"])
+        wall, peak = timed(
+            SPINCTL + ["patch", str(work), "--in-place", "--no-hash", "--selection", str(sel), "--quiet"]
+        )
         rss.append(peak)
         ok = subprocess.run(SPINCTL + ["verify", str(work)], capture_output=True).returncode == 0
-        print(json.dumps({"bench": "patch_in_place_no_hash", "bytes": size, "wall_s": round(wall, 3),
-                          "target_s": 3.0, "verified": ok}))
+        print(
+            json.dumps(
+                {
+                    "bench": "patch_in_place_no_hash",
+                    "bytes": size,
+                    "wall_s": round(wall, 3),
+                    "target_s": 3.0,
+                    "verified": ok,
+                }
+            )
+        )
         print(json.dumps({"bench": "patch_peak_rss", "peak_rss_mb": round(max(rss) / 2**20, 1), "target_mb": 400}))
     finally:
         shutil.rmtree(root, ignore_errors=True)

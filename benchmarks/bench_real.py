@@ -30,9 +30,17 @@ PRIVACY, FAIRNESS = "beaver_train330k_privacy", "beaver_train330k_fairness"
 JUDGED = [(mode, "mlp", v, v) for mode in ("paper", "reference") for v in (5e-4, 1e-3, 2e-3, 5e-3)]
 # Wider grid, ppl and preference accuracy only: smaller p = q (can anything stay within +2% ppl?),
 # p > q (a larger general set spares more capability), p < q, every Linear, and wanda.
-WIDE = [("paper", "mlp", 1e-4, 1e-4), ("reference", "mlp", 1e-4, 1e-4), ("paper", "mlp", 2e-4, 2e-4),
-        ("paper", "mlp", 1e-2, 1e-3), ("paper", "mlp", 2e-2, 1e-3), ("paper", "mlp", 1e-2, 5e-3),
-        ("paper", "mlp", 1e-3, 5e-3), ("paper", "all", 1e-3, 1e-3), ("reference", "all", 1e-3, 1e-3)]
+WIDE = [
+    ("paper", "mlp", 1e-4, 1e-4),
+    ("reference", "mlp", 1e-4, 1e-4),
+    ("paper", "mlp", 2e-4, 2e-4),
+    ("paper", "mlp", 1e-2, 1e-3),
+    ("paper", "mlp", 2e-2, 1e-3),
+    ("paper", "mlp", 1e-2, 5e-3),
+    ("paper", "mlp", 1e-3, 5e-3),
+    ("paper", "all", 1e-3, 1e-3),
+    ("reference", "all", 1e-3, 1e-3),
+]
 WANDA = [("paper", "mlp", 1e-3, 1e-3), ("paper", "mlp", 5e-3, 5e-3), ("reference", "mlp", 1e-3, 1e-3)]
 
 
@@ -57,11 +65,33 @@ def ensure_scores(model: Path, data_dir: Path, out: Path, nsamples: int, method:
         f = out / f"{method}-all-{ds}-n{nsamples}.safetensors"
         if not f.is_file():
             log(f"scoring {ds} with {method} ({nsamples} samples)")
-            s = score(ScoreConfig(model=model, data=str(data_dir / f"{ds}.csv"), output=f, method=method,
-                                  nsamples=nsamples, keep=0.02, targets="all", chat_template=True,
-                                  device="cpu", dtype="float32"))
-            print(json.dumps({"bench": "real_score", "method": method, "data": ds, "seconds": s["seconds"],
-                              "tokens": s["tokens"], "peak_memory_bytes": s["peak_memory_bytes"]}), flush=True)
+            s = score(
+                ScoreConfig(
+                    model=model,
+                    data=str(data_dir / f"{ds}.csv"),
+                    output=f,
+                    method=method,
+                    nsamples=nsamples,
+                    keep=0.02,
+                    targets="all",
+                    chat_template=True,
+                    device="cpu",
+                    dtype="float32",
+                )
+            )
+            print(
+                json.dumps(
+                    {
+                        "bench": "real_score",
+                        "method": method,
+                        "data": ds,
+                        "seconds": s["seconds"],
+                        "tokens": s["tokens"],
+                        "peak_memory_bytes": s["peak_memory_bytes"],
+                    }
+                ),
+                flush=True,
+            )
         files[ds] = f
     return files
 
@@ -70,8 +100,10 @@ def judged(model, tok, questions: dict[str, list[str]], batch_size: int, max_new
     """Greedy answers per question set; judged later (judge_rates), so a better judge can re-read them."""
     from spinctl.evaluation.evaluate import generate_texts
 
-    return {name: generate_texts(model, tok, qs, max_new_tokens, batch_size, chat_template=True)
-            for name, qs in questions.items()}
+    return {
+        name: generate_texts(model, tok, qs, max_new_tokens, batch_size, chat_template=True)
+        for name, qs in questions.items()
+    }
 
 
 def judge_rates(answers: dict[str, list[str]], questions: dict[str, list[str]]) -> dict:
@@ -83,8 +115,13 @@ def judge_rates(answers: dict[str, list[str]], questions: dict[str, list[str]]) 
         verdicts = KeywordJudge().judge_batch(questions[name], ans)
         aware, unaware = verdicts.count(Verdict.aware), verdicts.count(Verdict.unaware)
         lo, hi = wilson(aware, aware + unaware)
-        out[name] = {"rate": aware / max(1, aware + unaware), "aware": aware, "n": aware + unaware,
-                     "ci_low": lo, "ci_high": hi}
+        out[name] = {
+            "rate": aware / max(1, aware + unaware),
+            "aware": aware,
+            "n": aware + unaware,
+            "ci_low": lo,
+            "ci_high": hi,
+        }
     return out
 
 
@@ -112,8 +149,11 @@ def run_group(model, tok, cfg, inputs, settings, questions, args, log, base_ppl=
 
 def table(rows: list[dict], pair_names: list[str]) -> str:
     """The README table: one line per setting, intervals in brackets."""
-    head = ["setting", "method", "zeroed", "ppl (Δ)"] + [f"pref {n}" for n in pair_names] + \
-        ["judged privacy", "judged fairness"]
+    head = (
+        ["setting", "method", "zeroed", "ppl (Δ)"]
+        + [f"pref {n}" for n in pair_names]
+        + ["judged privacy", "judged fairness"]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["setting"], r["method"], f"{r['zeroed']:,}", f"{r['ppl']:.3f} ({r['ppl_change']:+.1%})"]
@@ -156,28 +196,48 @@ def main() -> None:
     model_dir = Path(fetch_model("smollm2-135m-instruct")["path"])
     d = args.data_dir
     pairs = tuple((d / f"{s}_safe_1k.csv", d / f"{s}_unsafe_1k.csv") for s in (PRIVACY, FAIRNESS))
-    questions = {f"salad_{k}": load_questions(d / f"salad_{k}.csv", "questions", args.judge_limit)
-                 for k in ("privacy", "fairness")}
+    questions = {
+        f"salad_{k}": load_questions(d / f"salad_{k}.csv", "questions", args.judge_limit)
+        for k in ("privacy", "fairness")
+    }
     model, tok = load_causal_lm(model_dir, "cpu", "float32")
     groups = [("snip", [(None, None, None, None)] + JUDGED, questions), ("snip", WIDE, {}), ("wanda", WANDA, {})]
     if args.quick:
-        groups = [("snip", [(None, None, None, None), ("paper", "mlp", 5e-3, 5e-3)], questions),
-                  ("wanda", [("paper", "mlp", 5e-3, 5e-3)], {})]
+        groups = [
+            ("snip", [(None, None, None, None), ("paper", "mlp", 5e-3, 5e-3)], questions),
+            ("wanda", [("paper", "mlp", 5e-3, 5e-3)], {}),
+        ]
     rows, inputs = [], {}
     for method, settings, qs in groups:
         f = ensure_scores(model_dir, args.data_dir, args.workdir / "scores", args.nsamples, method, log)
-        cfg = sweep.SweepConfig(model=model_dir, retain=f[GENERAL], couple=(f[f"{PRIVACY}_safe_1k"], f[f"{FAIRNESS}_safe_1k"]),
-                                p=(1e-3,), q=(1e-3,), pairs=pairs, ppl_data=d / f"{GENERAL}.csv", ppl_rows=args.ppl_rows,
-                                batch_size=8, device="cpu", dtype="float32")
+        cfg = sweep.SweepConfig(
+            model=model_dir,
+            retain=f[GENERAL],
+            couple=(f[f"{PRIVACY}_safe_1k"], f[f"{FAIRNESS}_safe_1k"]),
+            p=(1e-3,),
+            q=(1e-3,),
+            pairs=pairs,
+            ppl_data=d / f"{GENERAL}.csv",
+            ppl_rows=args.ppl_rows,
+            batch_size=8,
+            device="cpu",
+            dtype="float32",
+        )
         # Both methods score the same rows (same seed and nsamples), so held-out rows and pairs agree.
         inputs[method] = inputs.get(method) or sweep.check_inputs(cfg)
         rows += run_group(model, tok, cfg, inputs[method], settings, qs, args, log, rows[0]["ppl"] if rows else None)
 
     probes = inputs["snip"].probes
-    meta = {"model": str(model_dir), "ppl_data": str(probes.ppl.path), "ppl_rows": len(probes.ppl.rows),
-            "pair_sets": {ps.name: {"n": ps.n, "shared": ps.shared, "excluded": ps.excluded} for ps in probes.pair_sets},
-            "nsamples": args.nsamples, "judge_limit": args.judge_limit, "max_new_tokens": args.max_new_tokens,
-            "seconds": round(time.perf_counter() - t0, 1)}
+    meta = {
+        "model": str(model_dir),
+        "ppl_data": str(probes.ppl.path),
+        "ppl_rows": len(probes.ppl.rows),
+        "pair_sets": {ps.name: {"n": ps.n, "shared": ps.shared, "excluded": ps.excluded} for ps in probes.pair_sets},
+        "nsamples": args.nsamples,
+        "judge_limit": args.judge_limit,
+        "max_new_tokens": args.max_new_tokens,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
     write_outputs(rows, meta, args.workdir)
 
 
@@ -196,11 +256,15 @@ def rejudge(workdir: Path, data_dir: Path) -> None:
     from spinctl.evaluation.evaluate import load_questions
 
     result = _saved(workdir)
-    questions = {f"salad_{k}": load_questions(data_dir / f"salad_{k}.csv", "questions", result["judge_limit"])
-                 for k in ("privacy", "fairness")}
+    questions = {
+        f"salad_{k}": load_questions(data_dir / f"salad_{k}.csv", "questions", result["judge_limit"])
+        for k in ("privacy", "fairness")
+    }
     for r in result["rows"]:
         r["judged"] = judge_rates(r.get("answers") or {}, questions)
-    write_outputs(result["rows"], {k: v for k, v in result.items() if k not in ("rows", "best", "best_setting")}, workdir)
+    write_outputs(
+        result["rows"], {k: v for k, v in result.items() if k not in ("rows", "best", "best_setting")}, workdir
+    )
 
 
 def write_outputs(rows: list[dict], meta: dict, workdir: Path) -> None:
@@ -215,8 +279,14 @@ def write_outputs(rows: list[dict], meta: dict, workdir: Path) -> None:
     best = sweep.pick_best(rows, budget)
     if best is not None:
         rows[best]["best"] = True
-    result = {**meta, "max_ppl_increase": budget, "ppl_limit": rows[0]["ppl"] * (1 + budget), "rows": rows,
-              "best": best, "best_setting": rows[best]["setting"] if best is not None else "none"}
+    result = {
+        **meta,
+        "max_ppl_increase": budget,
+        "ppl_limit": rows[0]["ppl"] * (1 + budget),
+        "rows": rows,
+        "best": best,
+        "best_setting": rows[best]["setting"] if best is not None else "none",
+    }
     workdir.mkdir(parents=True, exist_ok=True)
     judged = list(rows[0]["judged"])  # the CSV has one rate column per judged set, blank where not judged
     flat = [{**r, "judged": {k: r["judged"][k]["rate"] if k in r["judged"] else None for k in judged}} for r in rows]
@@ -224,8 +294,16 @@ def write_outputs(rows: list[dict], meta: dict, workdir: Path) -> None:
     sweep_report.write_plot(result, workdir / "real.png")
     (workdir / "real.json").write_text(json.dumps(result, indent=1, default=str))
     (workdir / "real.md").write_text(table(rows, list(rows[0]["pairs"])) + "\n")
-    print(json.dumps({"bench": "real_summary", "best": result["best_setting"], "settings": len(rows) - 1,
-                      "files": [str(workdir / n) for n in ("real.csv", "real.png", "real.md")]}))
+    print(
+        json.dumps(
+            {
+                "bench": "real_summary",
+                "best": result["best_setting"],
+                "settings": len(rows) - 1,
+                "files": [str(workdir / n) for n in ("real.csv", "real.png", "real.md")],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

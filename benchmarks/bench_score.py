@@ -55,8 +55,16 @@ def build_model(out: Path, shape: dict, data_dir: Path, device: str, dtype: str)
 
     tok = train_tokenizer(corpus(data_dir), shape["vocab"])
     # The embedding keeps the shape's vocab even if the corpus yields fewer merges.
-    cfg = tiny_config("llama", max(len(tok), shape["vocab"]), shape["layers"], shape["hidden"], shape["intermediate"],
-                      shape["heads"], shape["heads"], max_positions=4096)
+    cfg = tiny_config(
+        "llama",
+        max(len(tok), shape["vocab"]),
+        shape["layers"],
+        shape["hidden"],
+        shape["intermediate"],
+        shape["heads"],
+        shape["heads"],
+        max_positions=4096,
+    )
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))
@@ -95,25 +103,49 @@ def timed_process(cmd: list[str], repeat: int) -> tuple[float, dict]:
 
 def cpu_flow(args, shape: dict, work: Path) -> None:
     import torch
-
     from reference_loop import reference_loop
 
     model_dir = work / "model"
     _, tok = build_model(model_dir, shape, args.data_dir, "cpu", "float32")
     out = work / "scores.safetensors"
     opts = dict(nsamples=shape["rows"], keep=args.keep, device="cpu", method="snip")
-    code = ("import json,sys; from spinctl.config import ScoreConfig; from spinctl.scoring.engine import score; "
-            f"print(json.dumps(score(ScoreConfig(model=sys.argv[1], data=sys.argv[2], output=sys.argv[3], **{opts!r}))))")
+    code = (
+        "import json,sys; from spinctl.config import ScoreConfig; from spinctl.scoring.engine import score; "
+        f"print(json.dumps(score(ScoreConfig(model=sys.argv[1], data=sys.argv[2], output=sys.argv[3], **{opts!r}))))"
+    )
     lib_s, summary = timed_process([sys.executable, "-c", code, str(model_dir), str(args.data), str(out)], args.repeat)
     emit(shape=args.shape, what="spinctl_library", seconds=round(lib_s, 2), repeat=args.repeat, summary=summary)
     cli_s = None
     if subprocess.run([sys.executable, "-m", "spinctl", "score", "--help"], capture_output=True).returncode == 0:
         cli_out = work / "scores-cli.safetensors"
-        cli_s, summary = timed_process([sys.executable, "-m", "spinctl", "score", str(model_dir), str(args.data), "-o", str(cli_out),
-                                        "--nsamples", str(shape["rows"]), "--keep", str(args.keep), "--device", "cpu", "--json"],
-                                       args.repeat)
-        emit(shape=args.shape, what="spinctl_cli", seconds=round(cli_s, 2), repeat=args.repeat,
-             same_bytes=cli_out.read_bytes() == out.read_bytes(), summary=summary)
+        cli_s, summary = timed_process(
+            [
+                sys.executable,
+                "-m",
+                "spinctl",
+                "score",
+                str(model_dir),
+                str(args.data),
+                "-o",
+                str(cli_out),
+                "--nsamples",
+                str(shape["rows"]),
+                "--keep",
+                str(args.keep),
+                "--device",
+                "cpu",
+                "--json",
+            ],
+            args.repeat,
+        )
+        emit(
+            shape=args.shape,
+            what="spinctl_cli",
+            seconds=round(cli_s, 2),
+            repeat=args.repeat,
+            same_bytes=cli_out.read_bytes() == out.read_bytes(),
+            summary=summary,
+        )
     if args.skip_reference:
         return
     from transformers import AutoModelForCausalLM
@@ -124,18 +156,30 @@ def cpu_flow(args, shape: dict, work: Path) -> None:
     ref = reference_loop(model, samples, keep=args.keep)
     ref_s = time.perf_counter() - t0
     mean, low = overlap(out, ref, args.keep)
-    emit(shape=args.shape, what="reference_loop", seconds=round(ref_s, 2), passes=len(samples) * shape["layers"],
-         topk_overlap_mean=round(mean, 4), topk_overlap_min=round(low, 4), keep=args.keep)
+    emit(
+        shape=args.shape,
+        what="reference_loop",
+        seconds=round(ref_s, 2),
+        passes=len(samples) * shape["layers"],
+        topk_overlap_mean=round(mean, 4),
+        topk_overlap_min=round(low, 4),
+        keep=args.keep,
+    )
     whole = cli_s if cli_s is not None else lib_s
-    emit(shape=args.shape, what="ratio", reference_over_spinctl=round(ref_s / whole, 2),
-         timed="cli" if cli_s is not None else "library", target=">= 4")
+    emit(
+        shape=args.shape,
+        what="ratio",
+        reference_over_spinctl=round(ref_s / whole, 2),
+        timed="cli" if cli_s is not None else "library",
+        target=">= 4",
+    )
 
 
 def device_flow(args, shape: dict, work: Path) -> None:
     """The llama2-7b path: build on the device, score in-process, reference on 8 samples."""
     import torch
-
     from reference_loop import reference_loop
+
     from spinctl.config import ScoreConfig
     from spinctl.runtime import LoadedModel
     from spinctl.scoring.engine import score
@@ -151,8 +195,17 @@ def device_flow(args, shape: dict, work: Path) -> None:
     loaded = LoadedModel(model_dir, model, tok, torch.device(device), getattr(torch, dtype))
 
     def run(method: str, n: int, name: str) -> dict:
-        cfg = ScoreConfig(model=model_dir, data=str(args.data), output=work / f"{name}.safetensors", method=method,
-                          nsamples=n, keep=args.keep, device=device, dtype=dtype, batch_size=args.batch_size)
+        cfg = ScoreConfig(
+            model=model_dir,
+            data=str(args.data),
+            output=work / f"{name}.safetensors",
+            method=method,
+            nsamples=n,
+            keep=args.keep,
+            device=device,
+            dtype=dtype,
+            batch_size=args.batch_size,
+        )
         summary = score(cfg, loaded=loaded)
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -161,15 +214,31 @@ def device_flow(args, shape: dict, work: Path) -> None:
     small = run("snip", 8, "snip8")  # also the warm-up: kernels, allocator
     emit(shape=args.shape, what="spinctl_snip_8", **small)
     full = run("snip", shape["rows"], "snip")
-    scored = sum(m.weight.numel() for n, m in model.named_modules() if n.endswith(("gate_proj", "up_proj", "down_proj")))
+    scored = sum(
+        m.weight.numel() for n, m in model.named_modules() if n.endswith(("gate_proj", "up_proj", "down_proj"))
+    )
     flops = 6 * full["tokens"] * scored
-    emit(shape=args.shape, what="spinctl_snip", pass_seconds=full["pass_seconds"], target_pass_seconds=3.5,
-         peak_gib=round(full["peak_memory_bytes"] / 2**30, 2), target_peak_gib=64, tokens_per_s=full["tokens_per_s"],
-         tflops=round(flops / full["pass_seconds"] / 1e12, 1), fraction_of_peak=round(flops / full["pass_seconds"] / 1e12 / PEAK_TFLOPS, 3),
-         scored_params=scored, summary=full)
+    emit(
+        shape=args.shape,
+        what="spinctl_snip",
+        pass_seconds=full["pass_seconds"],
+        target_pass_seconds=3.5,
+        peak_gib=round(full["peak_memory_bytes"] / 2**30, 2),
+        target_peak_gib=64,
+        tokens_per_s=full["tokens_per_s"],
+        tflops=round(flops / full["pass_seconds"] / 1e12, 1),
+        fraction_of_peak=round(flops / full["pass_seconds"] / 1e12 / PEAK_TFLOPS, 3),
+        scored_params=scored,
+        summary=full,
+    )
     wanda = run("wanda", shape["rows"], "wanda")
-    emit(shape=args.shape, what="spinctl_wanda", pass_seconds=wanda["pass_seconds"], peak_gib=round(wanda["peak_memory_bytes"] / 2**30, 2),
-         summary=wanda)
+    emit(
+        shape=args.shape,
+        what="spinctl_wanda",
+        pass_seconds=wanda["pass_seconds"],
+        peak_gib=round(wanda["peak_memory_bytes"] / 2**30, 2),
+        summary=wanda,
+    )
     if args.skip_reference:
         return
     samples = samples_of(model_dir, tok, args.data, 8)
@@ -181,10 +250,18 @@ def device_flow(args, shape: dict, work: Path) -> None:
         torch.cuda.synchronize()
     ref_s = time.perf_counter() - t0
     mean, low = overlap(work / "snip8.safetensors", ref, args.keep)
-    emit(shape=args.shape, what="reference_loop_8", seconds=round(ref_s, 2), accumulate="fp32", keep=args.keep,
-         topk_overlap_mean=round(mean, 4), topk_overlap_min=round(low, 4), target_overlap=0.95,
-         reference_128_estimate_s=round(ref_s * shape["rows"] / 8, 1),
-         speedup_estimate=round(ref_s * shape["rows"] / 8 / full["pass_seconds"], 1))
+    emit(
+        shape=args.shape,
+        what="reference_loop_8",
+        seconds=round(ref_s, 2),
+        accumulate="fp32",
+        keep=args.keep,
+        topk_overlap_mean=round(mean, 4),
+        topk_overlap_min=round(low, 4),
+        target_overlap=0.95,
+        reference_128_estimate_s=round(ref_s * shape["rows"] / 8, 1),
+        speedup_estimate=round(ref_s * shape["rows"] / 8 / full["pass_seconds"], 1),
+    )
 
 
 def parse_args(p: argparse.ArgumentParser) -> argparse.Namespace:

@@ -26,8 +26,15 @@ from spinctl.io.formats import keep_count, score_meta, write_scores  # noqa: E40
 
 SPINCTL = [sys.executable, "-m", "spinctl"]
 HIDDEN, INTER, LAYERS = 4096, 11008, 32
-SHAPES = {"q_proj": (HIDDEN, HIDDEN), "k_proj": (HIDDEN, HIDDEN), "v_proj": (HIDDEN, HIDDEN), "o_proj": (HIDDEN, HIDDEN),
-          "gate_proj": (INTER, HIDDEN), "up_proj": (INTER, HIDDEN), "down_proj": (HIDDEN, INTER)}
+SHAPES = {
+    "q_proj": (HIDDEN, HIDDEN),
+    "k_proj": (HIDDEN, HIDDEN),
+    "v_proj": (HIDDEN, HIDDEN),
+    "o_proj": (HIDDEN, HIDDEN),
+    "gate_proj": (INTER, HIDDEN),
+    "up_proj": (INTER, HIDDEN),
+    "down_proj": (HIDDEN, INTER),
+}
 
 
 def llama7b_shapes() -> dict[str, list[int]]:
@@ -51,9 +58,19 @@ def fake_topk(rng: np.random.Generator, n: int, k: int) -> tuple[np.ndarray, np.
 def write_fake(path: Path, shapes: dict[str, list[int]], keep: float, seed: int) -> None:
     rng = np.random.default_rng(seed)
     entries = {name: fake_topk(rng, math.prod(s), keep_count(keep, math.prod(s))) for name, s in shapes.items()}
-    meta = score_meta(method="snip", nsamples=128, seed=0, keep=keep, targets="all", max_length=2048,
-                      dtype="bfloat16", dataset_sha256="0" * 64, dataset_rows=1000,
-                      fingerprint="llama2-7b-shaped", shapes=shapes)
+    meta = score_meta(
+        method="snip",
+        nsamples=128,
+        seed=0,
+        keep=keep,
+        targets="all",
+        max_length=2048,
+        dtype="bfloat16",
+        dataset_sha256="0" * 64,
+        dataset_rows=1000,
+        fingerprint="llama2-7b-shaped",
+        shapes=shapes,
+    )
     write_scores(path, entries, meta)
 
 
@@ -74,15 +91,42 @@ def main() -> None:
         files = [root / f"{n}.safetensors" for n in ("retain", "privacy", "fairness")]
         for seed, f in enumerate(files):
             write_fake(f, shapes, args.keep, seed)
-        subprocess.run(SPINCTL + ["--help"], check=True, stdout=subprocess.DEVNULL)  # warm the numba cache and page cache
+        subprocess.run(
+            SPINCTL + ["--help"], check=True, stdout=subprocess.DEVNULL
+        )  # warm the numba cache and page cache
         for mode in ("paper", "reference"):
-            cmd = SPINCTL + ["select", "--retain", str(files[0]), "--couple", str(files[1]), "--couple", str(files[2]),
-                             "--p", str(args.keep), "--q", str(args.keep), "--mode", mode, "-o", str(root / "sel.safetensors")]
+            cmd = SPINCTL + [
+                "select",
+                "--retain",
+                str(files[0]),
+                "--couple",
+                str(files[1]),
+                "--couple",
+                str(files[2]),
+                "--p",
+                str(args.keep),
+                "--q",
+                str(args.keep),
+                "--mode",
+                mode,
+                "-o",
+                str(root / "sel.safetensors"),
+            ]
             wall(cmd)
             times = [wall(cmd) for _ in range(args.repeats)]
-            print(json.dumps({"bench": "select", "mode": mode, "tensors": len(shapes), "keep": args.keep,
-                              "entries_per_file": sum(keep_count(args.keep, math.prod(s)) for s in shapes.values()),
-                              "wall_s": round(statistics.median(times), 3), "target_s": 2.0}))
+            print(
+                json.dumps(
+                    {
+                        "bench": "select",
+                        "mode": mode,
+                        "tensors": len(shapes),
+                        "keep": args.keep,
+                        "entries_per_file": sum(keep_count(args.keep, math.prod(s)) for s in shapes.values()),
+                        "wall_s": round(statistics.median(times), 3),
+                        "target_s": 2.0,
+                    }
+                )
+            )
         times = [wall(SPINCTL + ["--help"]) for _ in range(5)]
         print(json.dumps({"bench": "help", "wall_s": round(statistics.median(times), 3), "target_s": 0.5}))
     finally:

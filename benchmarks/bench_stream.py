@@ -39,8 +39,19 @@ def emit(**fields) -> None:
     print(json.dumps({"bench": "stream", **fields}), flush=True)
 
 
-def build(out: str, layers: int, hidden: int, intermediate: int, heads: int, vocab: int, data_dir: str,
-          device: str, dtype: str, shard: str, model_bytes: float | None = None) -> dict:
+def build(
+    out: str,
+    layers: int,
+    hidden: int,
+    intermediate: int,
+    heads: int,
+    vocab: int,
+    data_dir: str,
+    device: str,
+    dtype: str,
+    shard: str,
+    model_bytes: float | None = None,
+) -> dict:
     """A random Llama saved as shards (config, tokenizer, safetensors); its weight bytes and the device's memory."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -68,8 +79,10 @@ def build(out: str, layers: int, hidden: int, intermediate: int, heads: int, voc
 
 def build_in_child(**kw) -> dict:
     """`build` in a child process (see the module docstring)."""
-    code = (f"import json, sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); from bench_stream import build; "
-            "print(json.dumps(build(**json.loads(sys.argv[1]))))")
+    code = (
+        f"import json, sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); from bench_stream import build; "
+        "print(json.dumps(build(**json.loads(sys.argv[1]))))"
+    )
     res = subprocess.run([sys.executable, "-c", code, json.dumps(kw, default=str)], capture_output=True, text=True)
     if res.returncode != 0:
         sys.exit(f"building the model failed:\n{res.stderr[-3000:]}")
@@ -105,21 +118,60 @@ def compare(a: Path, b: Path) -> dict:
         if len(idx) == len(other) and set(idx.tolist()) == set(other.tolist()):
             xs, ys = x.scores[name][np.argsort(idx)], y.scores[name][np.argsort(other)]  # both by flat index
             gap = max(gap, float(np.max(np.abs(ys - xs) / xs, initial=0)))
-    return {"same_topk": min(overlaps) == 1.0 and set(x.indices) == set(y.indices), "topk_overlap_mean": round(sum(overlaps) / len(overlaps), 6),
-            "topk_overlap_min": round(min(overlaps), 6), "max_rel_score_diff": gap}
+    return {
+        "same_topk": min(overlaps) == 1.0 and set(x.indices) == set(y.indices),
+        "topk_overlap_mean": round(sum(overlaps) / len(overlaps), 6),
+        "topk_overlap_min": round(min(overlaps), 6),
+        "max_rel_score_diff": gap,
+    }
 
 
 def cpu_flow(args, work: Path) -> None:
     model = work / "model"
     t0 = time.perf_counter()
-    built = build_in_child(out=model, layers=args.layers, hidden=args.hidden, intermediate=args.intermediate,
-                           heads=args.heads, vocab=args.vocab, data_dir=args.data_dir, device="cpu", dtype="float32",
-                           shard="500MB", model_bytes=args.model_gb * 1e9)
-    emit(what="build", seconds=round(time.perf_counter() - t0, 1), model_bytes=built["model_bytes"], layers=args.layers,
-         hidden=args.hidden, intermediate=args.intermediate, embedding_rows=built["embedding_rows"], dtype="float32")
-    _, base_rss, _ = wait_rss([sys.executable, "-c", "import json, torch, transformers, spinctl.scoring.engine; print(json.dumps({}))"])
-    base = [sys.executable, "-m", "spinctl", "score", str(model), str(args.data), "--nsamples", str(args.rows),
-            "--keep", str(args.keep), "--method", args.method, "--device", "cpu", "--json"]
+    built = build_in_child(
+        out=model,
+        layers=args.layers,
+        hidden=args.hidden,
+        intermediate=args.intermediate,
+        heads=args.heads,
+        vocab=args.vocab,
+        data_dir=args.data_dir,
+        device="cpu",
+        dtype="float32",
+        shard="500MB",
+        model_bytes=args.model_gb * 1e9,
+    )
+    emit(
+        what="build",
+        seconds=round(time.perf_counter() - t0, 1),
+        model_bytes=built["model_bytes"],
+        layers=args.layers,
+        hidden=args.hidden,
+        intermediate=args.intermediate,
+        embedding_rows=built["embedding_rows"],
+        dtype="float32",
+    )
+    _, base_rss, _ = wait_rss(
+        [sys.executable, "-c", "import json, torch, transformers, spinctl.scoring.engine; print(json.dumps({}))"]
+    )
+    base = [
+        sys.executable,
+        "-m",
+        "spinctl",
+        "score",
+        str(model),
+        str(args.data),
+        "--nsamples",
+        str(args.rows),
+        "--keep",
+        str(args.keep),
+        "--method",
+        args.method,
+        "--device",
+        "cpu",
+        "--json",
+    ]
     runs = {"in_memory": [], "stream": ["--stream"]}
     if not args.no_spill:
         (work / "spill").mkdir()
@@ -127,14 +179,27 @@ def cpu_flow(args, work: Path) -> None:
     rss = {}
     for what, extra in runs.items():
         wall, rss[what], summary = wait_rss(base + ["-o", str(work / f"{what}.safetensors"), *extra])
-        emit(what=what, seconds=round(wall, 2), pass_seconds=summary["pass_seconds"], peak_rss_bytes=rss[what],
-             peak_rss_gib=round(rss[what] / 2**30, 3), samples=summary["samples"], tokens=summary["tokens"],
-             batch_size=summary["batch_size"], activation_peak_bytes=summary.get("activation_peak_bytes"))
+        emit(
+            what=what,
+            seconds=round(wall, 2),
+            pass_seconds=summary["pass_seconds"],
+            peak_rss_bytes=rss[what],
+            peak_rss_gib=round(rss[what] / 2**30, 3),
+            samples=summary["samples"],
+            tokens=summary["tokens"],
+            batch_size=summary["batch_size"],
+            activation_peak_bytes=summary.get("activation_peak_bytes"),
+        )
     for what in runs:
         if what != "in_memory":
-            emit(what=f"{what}_vs_in_memory", rss_ratio=round(rss[what] / rss["in_memory"], 3), target="<= 0.6",
-                 import_baseline_rss_bytes=base_rss, method=args.method,
-                 **compare(work / "in_memory.safetensors", work / f"{what}.safetensors"))
+            emit(
+                what=f"{what}_vs_in_memory",
+                rss_ratio=round(rss[what] / rss["in_memory"], 3),
+                target="<= 0.6",
+                import_baseline_rss_bytes=base_rss,
+                method=args.method,
+                **compare(work / "in_memory.safetensors", work / f"{what}.safetensors"),
+            )
 
 
 CHILD = """
@@ -158,48 +223,94 @@ print(json.dumps(out))
 def gpu_flow(args, work: Path) -> None:
     """Llama-2-13B shape: --stream under a cap below the model's size, beside in-memory without one."""
     shape = GPU_SHAPES[args.shape]
-    probe = subprocess.run([sys.executable, "-c", "import torch; print(int(torch.cuda.is_available()))"], capture_output=True, text=True)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import torch; print(int(torch.cuda.is_available()))"], capture_output=True, text=True
+    )
     cuda = probe.stdout.strip() == "1"
     if args.shape != "tiny" and not cuda:
         sys.exit("--gpu needs a CUDA device; try --gpu --shape tiny on CPU")
     device, dtype = ("cuda", "bfloat16") if cuda else ("cpu", "float32")
     model = work / "model"
     t0 = time.perf_counter()
-    built = build_in_child(out=model, layers=shape["layers"], hidden=shape["hidden"], intermediate=shape["intermediate"],
-                           heads=shape["heads"], vocab=shape["vocab"], data_dir=args.data_dir, device=device, dtype=dtype,
-                           shard=shape["shard"])
+    built = build_in_child(
+        out=model,
+        layers=shape["layers"],
+        hidden=shape["hidden"],
+        intermediate=shape["intermediate"],
+        heads=shape["heads"],
+        vocab=shape["vocab"],
+        data_dir=args.data_dir,
+        device=device,
+        dtype=dtype,
+        shard=shape["shard"],
+    )
     size, total = built["model_bytes"], built["device_total_bytes"]
     limit = int(size * args.cap)  # less memory than the weights alone need
-    emit(what="build", shape=args.shape, seconds=round(time.perf_counter() - t0, 1), model_bytes=size, device=device,
-         dtype=dtype, device_total_bytes=total, stream_limit_bytes=limit)
-    opts = dict(model=str(model), data=str(args.data), nsamples=args.rows or shape["rows"], keep=args.keep,
-                method=args.method, device=device, dtype=dtype, batch_size=args.batch_size)
+    emit(
+        what="build",
+        shape=args.shape,
+        seconds=round(time.perf_counter() - t0, 1),
+        model_bytes=size,
+        device=device,
+        dtype=dtype,
+        device_total_bytes=total,
+        stream_limit_bytes=limit,
+    )
+    opts = dict(
+        model=str(model),
+        data=str(args.data),
+        nsamples=args.rows or shape["rows"],
+        keep=args.keep,
+        method=args.method,
+        device=device,
+        dtype=dtype,
+        batch_size=args.batch_size,
+    )
     res = {}
     for what, extra, fraction in (("in_memory", {}, 1.0), ("stream", {"stream": True}, limit / total if cuda else 1.0)):
         o = {**opts, **extra, "output": str(work / f"{what}.safetensors")}
         wall, rss, res[what] = wait_rss([sys.executable, "-c", CHILD, json.dumps(o), str(fraction)])
         s = res[what]["summary"]
-        emit(what=what, seconds=round(wall, 2), pass_seconds=s["pass_seconds"], tokens_per_s=s["tokens_per_s"],
-             peak_device_bytes=res[what].get("max_allocated"), peak_device_reserved_bytes=res[what].get("max_reserved"),
-             peak_device_gib=round(res[what]["max_allocated"] / 2**30, 2) if "max_allocated" in res[what] else None, limit_applied=res[what]["limit_applied"],
-             limit_bytes=limit if what == "stream" else None, peak_rss_bytes=rss, samples=s["samples"], tokens=s["tokens"],
-             batch_size=s["batch_size"])
+        emit(
+            what=what,
+            seconds=round(wall, 2),
+            pass_seconds=s["pass_seconds"],
+            tokens_per_s=s["tokens_per_s"],
+            peak_device_bytes=res[what].get("max_allocated"),
+            peak_device_reserved_bytes=res[what].get("max_reserved"),
+            peak_device_gib=round(res[what]["max_allocated"] / 2**30, 2) if "max_allocated" in res[what] else None,
+            limit_applied=res[what]["limit_applied"],
+            limit_bytes=limit if what == "stream" else None,
+            peak_rss_bytes=rss,
+            samples=s["samples"],
+            tokens=s["tokens"],
+            batch_size=s["batch_size"],
+        )
     peak = res["stream"].get("max_allocated")
-    emit(what="stream_vs_in_memory", shape=args.shape, time_ratio=round(res["stream"]["summary"]["pass_seconds"] / res["in_memory"]["summary"]["pass_seconds"], 2),
-         stream_peak_below_model=None if peak is None else peak < size, **compare(work / "in_memory.safetensors", work / "stream.safetensors"))
+    emit(
+        what="stream_vs_in_memory",
+        shape=args.shape,
+        time_ratio=round(res["stream"]["summary"]["pass_seconds"] / res["in_memory"]["summary"]["pass_seconds"], 2),
+        stream_peak_below_model=None if peak is None else peak < size,
+        **compare(work / "in_memory.safetensors", work / "stream.safetensors"),
+    )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--gpu", action="store_true", help="the GPU figure (Llama-2-13B shape, bf16)")
     p.add_argument("--shape", choices=sorted(GPU_SHAPES), default="llama2-13b", help="--gpu: model shape")
-    p.add_argument("--cap", type=float, default=0.5, help="--gpu: --stream's device memory cap, as a fraction of the model's bytes")
+    p.add_argument(
+        "--cap", type=float, default=0.5, help="--gpu: --stream's device memory cap, as a fraction of the model's bytes"
+    )
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--hidden", type=int, default=768)
     p.add_argument("--intermediate", type=int, default=2048)
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--vocab", type=int, default=16000, help="tokenizer vocabulary trained on --data-dir")
-    p.add_argument("--model-gb", type=float, default=0.9, help="CPU: weight bytes (1e9) reached by padding the embedding rows")
+    p.add_argument(
+        "--model-gb", type=float, default=0.9, help="CPU: weight bytes (1e9) reached by padding the embedding rows"
+    )
     p.add_argument("--rows", type=int, help="samples scored (default: 32 CPU, the shape's for --gpu)")
     p.add_argument("--method", choices=("snip", "wanda"), default="snip")
     p.add_argument("--keep", type=float, default=1e-3)

@@ -44,8 +44,7 @@ def main() -> None:
     with open(args.out, "w", encoding="utf-8") as out:
         for name in FILES:
             rows, questions = picked_rows(Path(args.data) / name, args.n, args.start)
-            answers = generate_answers(args.model, questions, max_new_tokens=64, batch_size=16,
-                                       device=args.device)
+            answers = generate_answers(args.model, questions, max_new_tokens=64, batch_size=16, device=args.device)
             for r, a in zip(rows, answers):
                 out.write(json.dumps({"file": name, "row": r, "model": args.tag, "answer": a}) + "\n")
             out.flush()

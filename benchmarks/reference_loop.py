@@ -15,16 +15,24 @@ from spinctl.scoring.engine import topk_ranked
 from spinctl.scoring.targets import kind_of
 
 
-def reference_loop(model, samples: list[tuple[list[int], int]], targets: str = "mlp", accumulate: str = "model",
-                   keep: float | None = None) -> dict:
+def reference_loop(
+    model,
+    samples: list[tuple[list[int], int]],
+    targets: str = "mlp",
+    accumulate: str = "model",
+    keep: float | None = None,
+) -> dict:
     """samples: (ids, n_prompt) pairs. Returns name -> score tensor [out, in], or with `keep`
     name -> (indices, scores) top-K by the docs/design.md §3 rule (so 7B scores need not all be kept)."""
     device = next(model.parameters()).device
     model.requires_grad_(False)
     out = {}
     for i, layer in enumerate(model.model.layers):
-        subset = {name: m for name, m in layer.named_modules()
-                  if isinstance(m, nn.Linear) and (targets == "all" or kind_of(name) == targets)}
+        subset = {
+            name: m
+            for name, m in layer.named_modules()
+            if isinstance(m, nn.Linear) and (targets == "all" or kind_of(name) == targets)
+        }
         for m in subset.values():
             m.weight.requires_grad_(True)
         saved = {}

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -16,16 +16,27 @@ from spinctl.errors import SpinctlError, UsageError
 from spinctl.scoring import distributed
 
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
     help="SPIN checkpoint surgery: score weights on calibration data, select the ones coupling "
-         "fairness and privacy, zero them in a safetensors checkpoint, verify and revert.",
+    "fairness and privacy, zero them in a safetensors checkpoint, verify and revert.",
 )
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else there.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or stage messages on stderr (errors still print).")]
-RetainOpt = Annotated[Optional[Path], typer.Option("--retain", help="Score file of the general-capability (retain) set.")]
-CoupleOpt = Annotated[Optional[list[Path]], typer.Option("--couple", help="Score file of a behaviour to decouple; repeat (reference mode: privacy, then fairness).")]
-WaitOpt = Annotated[bool, typer.Option("--wait", help="If another spinctl holds the model, wait for it instead of failing.")]
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No progress bars or stage messages on stderr (errors still print).")
+]
+RetainOpt = Annotated[Path | None, typer.Option("--retain", help="Score file of the general-capability (retain) set.")]
+CoupleOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--couple", help="Score file of a behaviour to decouple; repeat (reference mode: privacy, then fairness)."
+    ),
+]
+WaitOpt = Annotated[
+    bool, typer.Option("--wait", help="If another spinctl holds the model, wait for it instead of failing.")
+]
 
 
 def _model_path(value: str) -> Path:
@@ -69,9 +80,14 @@ def select(
     from spinctl.selection import select_to_file
 
     result = select_to_file(_select_config(retain, couple, opts), output)
-    emit(result, json_out, lambda r: _console().print(
-        f"selected [bold]{r['selected']}[/] weights in {r['tensors_touched']}/{r['tensors']} tensors "
-        f"(mode {r['mode']}, p {r['p']}, q {r['q']}) -> {r['file']}"))
+    emit(
+        result,
+        json_out,
+        lambda r: _console().print(
+            f"selected [bold]{r['selected']}[/] weights in {r['tensors_touched']}/{r['tensors']} tensors "
+            f"(mode {r['mode']}, p {r['p']}, q {r['q']}) -> {r['file']}"
+        ),
+    )
 
 
 def _select_config(retain, couple, opts: dict) -> SelectConfig:
@@ -88,9 +104,16 @@ def _only(cls, opts: dict) -> dict:
 @app.command()
 @with_options(PatchConfig, SelectConfig)
 def patch(
-    model: Annotated[Path, typer.Argument(help="Model directory, .safetensors file, or Hub id org/name[@rev] in the local cache.", parser=_model_path)],
-    output: Annotated[Optional[Path], typer.Argument(help="New output directory (omit with --in-place).")] = None,
-    selection: Annotated[Optional[Path], typer.Option("--selection", "-s", help="Selection file from `spinctl select`.")] = None,
+    model: Annotated[
+        Path,
+        typer.Argument(
+            help="Model directory, .safetensors file, or Hub id org/name[@rev] in the local cache.", parser=_model_path
+        ),
+    ],
+    output: Annotated[Path | None, typer.Argument(help="New output directory (omit with --in-place).")] = None,
+    selection: Annotated[
+        Path | None, typer.Option("--selection", "-s", help="Selection file from `spinctl select`.")
+    ] = None,
     retain: RetainOpt = None,
     couple: CoupleOpt = None,
     opts: dict = None,
@@ -119,8 +142,10 @@ def patch(
 def _print_patch(r: dict) -> None:
     t = r["totals"]
     where = "dry run, nothing written" if r["dry_run"] else r["output"]
-    _console().print(f"zeroed [bold]{t['zeroed']}[/] elements in {t['tensors_touched']} tensors, "
-                     f"{t['files_changed']}/{len(r['files'])} weight files changed -> {where}")
+    _console().print(
+        f"zeroed [bold]{t['zeroed']}[/] elements in {t['tensors_touched']} tensors, "
+        f"{t['files_changed']}/{len(r['files'])} weight files changed -> {where}"
+    )
 
 
 @app.command()
@@ -142,7 +167,9 @@ def verify(
 def _print_verify(r: dict) -> None:
     hashes = "hashes match" if r["hashes_checked"] else "hashes not recorded (--no-hash): checked the zeros only"
     if r["ok"]:
-        _console().print(f"[green]verified[/]: {r['selected']} selected weights are zero, {hashes} ({r['files']} files)")
+        _console().print(
+            f"[green]verified[/]: {r['selected']} selected weights are zero, {hashes} ({r['files']} files)"
+        )
     else:
         bad = r["hash_mismatches"] + r["nonzero_tensors"]
         print(f"verification failed for {r['target']}: {', '.join(bad[:5])}", file=sys.stderr)
@@ -151,8 +178,10 @@ def _print_verify(r: dict) -> None:
 @app.command()
 def revert(
     target: Annotated[Path, typer.Argument(help="Patched directory or .safetensors file.")],
-    output: Annotated[Optional[Path], typer.Argument(help="New directory for the restored checkpoint.")] = None,
-    in_place: Annotated[bool, typer.Option("--in-place", help="Restore TARGET itself and remove the spin-* files.")] = False,
+    output: Annotated[Path | None, typer.Argument(help="New directory for the restored checkpoint.")] = None,
+    in_place: Annotated[
+        bool, typer.Option("--in-place", help="Restore TARGET itself and remove the spin-* files.")
+    ] = False,
     wait: WaitOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -164,12 +193,21 @@ def revert(
         raise typer.BadParameter("give either an output directory or --in-place")
     with _progress(json_out, quiet) as progress:
         result = run_revert(target, output, progress, wait=wait)
-    emit(result, json_out, lambda r: _console().print(f"restored {r['restored']} weights in {r['files']} files -> {r['output']}"))
+    emit(
+        result,
+        json_out,
+        lambda r: _console().print(f"restored {r['restored']} weights in {r['files']} files -> {r['output']}"),
+    )
 
 
 @app.command()
 def inspect(
-    file: Annotated[Path, typer.Argument(help="Score file, selection file, checkpoint file or directory, or a cached Hub id.", parser=_model_path)],
+    file: Annotated[
+        Path,
+        typer.Argument(
+            help="Score file, selection file, checkpoint file or directory, or a cached Hub id.", parser=_model_path
+        ),
+    ],
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
@@ -206,8 +244,16 @@ def _sample_progress(rep):
 @app.command()
 @with_options(ScoreConfig)
 def score(
-    model: Annotated[Path, typer.Argument(help="Hugging Face model directory (config, tokenizer, safetensors), or Hub id org/name[@rev] in the local cache.", parser=_model_path)],
-    data: Annotated[str, typer.Argument(help="Calibration CSV/JSONL with prompt and response columns, or builtin:NAME.")],
+    model: Annotated[
+        Path,
+        typer.Argument(
+            help="Hugging Face model directory (config, tokenizer, safetensors), or Hub id org/name[@rev] in the local cache.",
+            parser=_model_path,
+        ),
+    ],
+    data: Annotated[
+        str, typer.Argument(help="Calibration CSV/JSONL with prompt and response columns, or builtin:NAME.")
+    ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Score file to write (.safetensors).")],
     opts: dict = None,
     json_out: JsonOpt = False,
@@ -220,9 +266,14 @@ def score(
     with _progress(json_out, quiet, unit="samples") as rep:
         result = run_score(cfg, _sample_progress(rep))
     if distributed.is_main_process():  # under torchrun rank 0 speaks for the job
-        emit(result, json_out, lambda r: _console().print(
-            f"scored {r['tensors']} tensors on {r['samples']} samples ({r['tokens']} tokens, {r['skipped']} skipped) "
-            f"in {r['seconds']:.1f} s -> {r['file']}"))
+        emit(
+            result,
+            json_out,
+            lambda r: _console().print(
+                f"scored {r['tensors']} tensors on {r['samples']} samples ({r['tokens']} tokens, {r['skipped']} skipped) "
+                f"in {r['seconds']:.1f} s -> {r['file']}"
+            ),
+        )
 
 
 def _log(silent: bool):
@@ -237,8 +288,12 @@ def _log(silent: bool):
 
 @app.command()
 def run(
-    config: Annotated[Path, typer.Argument(help="spin.yaml: model, output, retain, couple, score, select, patch, eval.")],
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a key, e.g. --set score.nsamples=64.")] = None,
+    config: Annotated[
+        Path, typer.Argument(help="spin.yaml: model, output, retain, couple, score, select, patch, eval.")
+    ],
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a key, e.g. --set score.nsamples=64.")
+    ] = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
@@ -253,18 +308,27 @@ def run(
 
 def _print_run(r: dict) -> None:
     cached = sum(s["cached"] for s in r["scores"])
-    _console().print(f"{r['selected']} weights zeroed ({cached}/{len(r['scores'])} score files from cache), "
-                     f"{'verified' if r['verified'] else 'NOT verified'} -> {r['output']}")
+    _console().print(
+        f"{r['selected']} weights zeroed ({cached}/{len(r['scores'])} score files from cache), "
+        f"{'verified' if r['verified'] else 'NOT verified'} -> {r['output']}"
+    )
 
 
 @app.command()
 def demo(
-    tiny: Annotated[bool, typer.Option("--tiny", help="A tiny random Llama and built-in data: offline, seconds.")] = False,
-    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="The paper's CSVs (alpaca, beaver, salad); default $SPINCTL_DATA.")] = None,
+    tiny: Annotated[
+        bool, typer.Option("--tiny", help="A tiny random Llama and built-in data: offline, seconds.")
+    ] = False,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option("--data-dir", help="The paper's CSVs (alpaca, beaver, salad); default $SPINCTL_DATA."),
+    ] = None,
     nsamples: Annotated[int, typer.Option("--nsamples", min=1, help="Calibration samples per set (real model).")] = 16,
     p: Annotated[float, typer.Option("--p", min=0.0, max=1.0, help="Retain fraction (real model).")] = 1e-3,
     q: Annotated[float, typer.Option("--q", min=0.0, max=1.0, help="Coupled fraction (real model).")] = 1e-3,
-    workdir: Annotated[Optional[Path], typer.Option("--workdir", help="Where to build the demo (default: a new temp dir).")] = None,
+    workdir: Annotated[
+        Path | None, typer.Option("--workdir", help="Where to build the demo (default: a new temp dir).")
+    ] = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
@@ -280,14 +344,24 @@ def demo(
     emit(result, json_out, lambda r: report(r, _console()))
 
 
-PairsOpt = Annotated[Optional[list[Path]], typer.Option(
-    "--pairs", metavar="SAFE UNSAFE",
-    help="Two prompt/response files, safe then unsafe; preference accuracy over their shared prompts. Repeatable.")]
-ExcludeOpt = Annotated[Optional[list[Path]], typer.Option(
-    "--exclude", help="Score file: drop the prompts it was calibrated on when scored from a --pairs file. Repeatable.")]
+PairsOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--pairs",
+        metavar="SAFE UNSAFE",
+        help="Two prompt/response files, safe then unsafe; preference accuracy over their shared prompts. Repeatable.",
+    ),
+]
+ExcludeOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--exclude",
+        help="Score file: drop the prompts it was calibrated on when scored from a --pairs file. Repeatable.",
+    ),
+]
 
 
-def _pairs(values: Optional[list[Path]]) -> tuple[tuple[Path, Path], ...]:
+def _pairs(values: list[Path] | None) -> tuple[tuple[Path, Path], ...]:
     """main() spells `--pairs SAFE UNSAFE` as two one-value options; pair them back up in order."""
     values = list(values or [])
     if len(values) % 2:
@@ -301,8 +375,12 @@ def _split_pairs(argv: list[str]) -> list[str]:
     while i < len(argv):
         if argv[i] == "--":
             return out + argv[i:]
-        if argv[i] == "--pairs" and i + 2 < len(argv) and not argv[i + 1].startswith("-") \
-                and not argv[i + 2].startswith("-"):
+        if (
+            argv[i] == "--pairs"
+            and i + 2 < len(argv)
+            and not argv[i + 1].startswith("-")
+            and not argv[i + 2].startswith("-")
+        ):
             out += ["--pairs", argv[i + 1], "--pairs", argv[i + 2]]
             i += 3
             continue
@@ -315,21 +393,32 @@ def _split_pairs(argv: list[str]) -> list[str]:
 @with_options(EvalConfig)
 def eval_(
     model: Annotated[Path, typer.Argument(help="Model directory to evaluate, or a cached Hub id.", parser=_model_path)],
-    prompts: Annotated[Optional[str], typer.Option("--prompts", help="CSV/JSONL of questions, or builtin:eval_prompts.")] = None,
+    prompts: Annotated[
+        str | None, typer.Option("--prompts", help="CSV/JSONL of questions, or builtin:eval_prompts.")
+    ] = None,
     pairs: PairsOpt = None,
     exclude: ExcludeOpt = None,
-    max_length: Annotated[int, typer.Option("--max-length", help="--pairs: tokens per prompt+response; longer ones lose their end.")] = 2048,
-    resamples: Annotated[int, typer.Option("--resamples", help="--pairs: bootstrap resamples of the 95% interval (seed 0).")] = 2000,
-    pairs_limit: Annotated[Optional[int], typer.Option("--pairs-limit", help="--pairs: only the first N pairs of each set (quick runs).")] = None,
-    compare: Annotated[Optional[Path], typer.Option("--compare", help="A second (patched) model, evaluated the same way.", parser=_model_path)] = None,
+    max_length: Annotated[
+        int, typer.Option("--max-length", help="--pairs: tokens per prompt+response; longer ones lose their end.")
+    ] = 2048,
+    resamples: Annotated[
+        int, typer.Option("--resamples", help="--pairs: bootstrap resamples of the 95% interval (seed 0).")
+    ] = 2000,
+    pairs_limit: Annotated[
+        int | None, typer.Option("--pairs-limit", help="--pairs: only the first N pairs of each set (quick runs).")
+    ] = None,
+    compare: Annotated[
+        Path | None,
+        typer.Option("--compare", help="A second (patched) model, evaluated the same way.", parser=_model_path),
+    ] = None,
     opts: dict = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
     """Awareness: judged greedy answers (--prompts) and/or judge-free preference accuracy (--pairs)."""
     from spinctl.evaluation.evaluate import eval_steps, evaluate
-    from spinctl.evaluation.preference import PreferenceConfig, load_pair_sets, pair_steps, run_preference
     from spinctl.evaluation.heldout import read_calibrated
+    from spinctl.evaluation.preference import PreferenceConfig, load_pair_sets, pair_steps, run_preference
     from spinctl.scoring.data import resolve
 
     pair_files = _pairs(pairs)
@@ -346,17 +435,27 @@ def eval_(
                 cfg = EvalConfig(m, resolve(prompts), **{**opts, "save": _save_path(opts["save"], m is compare)})
                 one["awareness"] = evaluate(cfg, rep.task(f"evaluating {m.name}", eval_steps(cfg)))
             if pair_files:
-                pcfg = PreferenceConfig(m, pair_files, tuple(exclude or ()), opts["batch_size"], max_length, resamples,
-                                        device=opts["device"], dtype=opts["dtype"], limit=pairs_limit)
-                steps = pair_steps(load_pair_sets(pcfg.pairs, [read_calibrated(e) for e in pcfg.exclude],
-                                                  limit=pairs_limit))
+                pcfg = PreferenceConfig(
+                    m,
+                    pair_files,
+                    tuple(exclude or ()),
+                    opts["batch_size"],
+                    max_length,
+                    resamples,
+                    device=opts["device"],
+                    dtype=opts["dtype"],
+                    limit=pairs_limit,
+                )
+                steps = pair_steps(
+                    load_pair_sets(pcfg.pairs, [read_calibrated(e) for e in pcfg.exclude], limit=pairs_limit)
+                )
                 one["preference"] = run_preference(pcfg, rep.task(f"pairs on {m.name}", steps))
             results.append(one if len(one) == 2 else next(iter(one.values())))
     result = results[0] if not compare else {"original": results[0], "compare": results[1]}
     emit(result, json_out, lambda r: _print_eval(results))
 
 
-def _save_path(save: Optional[Path], compared: bool) -> Optional[Path]:
+def _save_path(save: Path | None, compared: bool) -> Path | None:
     """--save FILE: the --compare model's answers go beside it (NAME.compare.jsonl), not over the original's."""
     return save.with_name(f"{save.stem}.compare{save.suffix}") if save and compared else save
 
@@ -387,20 +486,37 @@ def _print_eval(results: list[dict]) -> None:
             table.add_column(col, justify="left" if col in ("model", "pair set") else "right")
         for r in prefs:
             for s in r["pair_sets"]:
-                table.add_row(r["model"], s["name"], str(s["n"]), f"{s['accuracy']:.4f}",
-                              f"[{s['ci_low']:.3f}, {s['ci_high']:.3f}]", f"{s['margin']:+.4f}",
-                              f"{s['identical']} identical, {s['excluded']} excluded", f"{s['seconds']:.1f}")
+                table.add_row(
+                    r["model"],
+                    s["name"],
+                    str(s["n"]),
+                    f"{s['accuracy']:.4f}",
+                    f"[{s['ci_low']:.3f}, {s['ci_high']:.3f}]",
+                    f"{s['margin']:+.4f}",
+                    f"{s['identical']} identical, {s['excluded']} excluded",
+                    f"{s['seconds']:.1f}",
+                )
         _wide_console().print(table)
 
 
 @app.command()
 def ppl(
     model: Annotated[Path, typer.Argument(help="Model directory, or a cached Hub id.", parser=_model_path)],
-    textfile: Annotated[Path, typer.Argument(help="Plain .txt file (windows), or CSV/JSONL prompt/response rows (response tokens).")],
+    textfile: Annotated[
+        Path, typer.Argument(help="Plain .txt file (windows), or CSV/JSONL prompt/response rows (response tokens).")
+    ],
     seqlen: Annotated[int, typer.Option("--seqlen", help="Text: tokens per non-overlapping window.")] = 2048,
     rows: Annotated[int, typer.Option("--rows", help="CSV/JSONL: the first N held-out rows.")] = 64,
-    exclude: Annotated[Optional[list[Path]], typer.Option("--exclude", help="CSV/JSONL: skip the rows this score file was calibrated on (if scored from this file). Repeatable.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Windows (default 1) or rows (default 8) per batch.")] = None,
+    exclude: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--exclude",
+            help="CSV/JSONL: skip the rows this score file was calibrated on (if scored from this file). Repeatable.",
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Windows (default 1) or rows (default 8) per batch.")
+    ] = None,
     max_length: Annotated[int, typer.Option("--max-length", help="CSV/JSONL: tokens per prompt+response row.")] = 2048,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16, float16.")] = "auto",
@@ -422,7 +538,7 @@ def _print_ppl(r: dict) -> None:
     _console().print(f"perplexity {r['ppl']:.4f} over {where}")
 
 
-def _floats(values: Optional[list[str]], flag: str) -> tuple[float, ...]:
+def _floats(values: list[str] | None, flag: str) -> tuple[float, ...]:
     """Repeated and/or comma-separated numbers: --p 1e-3,5e-3 --p 1e-2."""
     out = []
     for v in values or []:
@@ -436,30 +552,69 @@ def _floats(values: Optional[list[str]], flag: str) -> tuple[float, ...]:
 
 @app.command()
 def sweep(
-    model: Annotated[Path, typer.Argument(help="Model directory the score files were made for, or a cached Hub id.", parser=_model_path)],
+    model: Annotated[
+        Path,
+        typer.Argument(help="Model directory the score files were made for, or a cached Hub id.", parser=_model_path),
+    ],
     retain: RetainOpt = None,
     couple: CoupleOpt = None,
-    p: Annotated[Optional[list[str]], typer.Option("--p", help="Retain fractions to try; repeat or comma-separate.")] = None,
-    q: Annotated[Optional[list[str]], typer.Option("--q", help="Coupled fractions to try; repeat or comma-separate.")] = None,
-    mode: Annotated[Optional[list[str]], typer.Option("--mode", help="paper and/or reference; repeat or comma-separate (default paper).")] = None,
-    targets: Annotated[Optional[list[str]], typer.Option("--targets", help="mlp, attn, all or re:REGEX on the score files' tensors; repeatable (default all).")] = None,
+    p: Annotated[
+        list[str] | None, typer.Option("--p", help="Retain fractions to try; repeat or comma-separate.")
+    ] = None,
+    q: Annotated[
+        list[str] | None, typer.Option("--q", help="Coupled fractions to try; repeat or comma-separate.")
+    ] = None,
+    mode: Annotated[
+        list[str] | None,
+        typer.Option("--mode", help="paper and/or reference; repeat or comma-separate (default paper)."),
+    ] = None,
+    targets: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--targets", help="mlp, attn, all or re:REGEX on the score files' tensors; repeatable (default all)."
+        ),
+    ] = None,
     pairs: PairsOpt = None,
-    ppl_data: Annotated[Optional[Path], typer.Option("--ppl-data", help="General text: CSV/JSONL prompt/response rows (held-out rows) or a .txt file.")] = None,
-    ppl_rows: Annotated[int, typer.Option("--ppl-rows", help="Held-out rows of --ppl-data: the first N no score file was calibrated on.")] = 64,
+    ppl_data: Annotated[
+        Path | None,
+        typer.Option("--ppl-data", help="General text: CSV/JSONL prompt/response rows (held-out rows) or a .txt file."),
+    ] = None,
+    ppl_rows: Annotated[
+        int,
+        typer.Option("--ppl-rows", help="Held-out rows of --ppl-data: the first N no score file was calibrated on."),
+    ] = 64,
     seqlen: Annotated[int, typer.Option("--seqlen", help="Window length when --ppl-data is a .txt file.")] = 2048,
-    judge_prompts: Annotated[Optional[list[Path]], typer.Option("--judge-prompts", help="Questions to answer greedily and keyword-judge; repeatable.")] = None,
-    judge_limit: Annotated[Optional[int], typer.Option("--judge-limit", help="First N questions of each --judge-prompts file.")] = None,
-    judge_column: Annotated[str, typer.Option("--judge-column", help="Column of the questions in --judge-prompts.")] = "questions",
+    judge_prompts: Annotated[
+        list[Path] | None,
+        typer.Option("--judge-prompts", help="Questions to answer greedily and keyword-judge; repeatable."),
+    ] = None,
+    judge_limit: Annotated[
+        int | None, typer.Option("--judge-limit", help="First N questions of each --judge-prompts file.")
+    ] = None,
+    judge_column: Annotated[
+        str, typer.Option("--judge-column", help="Column of the questions in --judge-prompts.")
+    ] = "questions",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Greedy tokens per judged answer.")] = 64,
-    max_ppl_increase: Annotated[str, typer.Option("--max-ppl-increase", help="Capability budget for the best setting: 2% or 0.02.")] = "2%",
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward batch (rows, pairs, generations).")] = 8,
+    max_ppl_increase: Annotated[
+        str, typer.Option("--max-ppl-increase", help="Capability budget for the best setting: 2% or 0.02.")
+    ] = "2%",
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Sequences per forward batch (rows, pairs, generations).")
+    ] = 8,
     max_length: Annotated[int, typer.Option("--max-length", help="Tokens per prompt+response sequence.")] = 2048,
-    resamples: Annotated[int, typer.Option("--resamples", help="Bootstrap resamples for the 95% intervals (seed 0).")] = 2000,
-    pairs_limit: Annotated[Optional[int], typer.Option("--pairs-limit", help="Only the first N pairs of each --pairs set (quick runs).")] = None,
+    resamples: Annotated[
+        int, typer.Option("--resamples", help="Bootstrap resamples for the 95% intervals (seed 0).")
+    ] = 2000,
+    pairs_limit: Annotated[
+        int | None, typer.Option("--pairs-limit", help="Only the first N pairs of each --pairs set (quick runs).")
+    ] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16, float16.")] = "auto",
-    csv_out: Annotated[Optional[Path], typer.Option("--csv", help="Write the table as CSV.")] = None,
-    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write awareness vs perplexity as PNG (needs matplotlib: the plot extra).")] = None,
+    csv_out: Annotated[Path | None, typer.Option("--csv", help="Write the table as CSV.")] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option("--plot", help="Write awareness vs perplexity as PNG (needs matplotlib: the plot extra)."),
+    ] = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
@@ -480,12 +635,30 @@ def sweep(
     modes = tuple(m for v in (mode or ["paper"]) for m in (x.strip() for x in v.split(",")) if m)
     if plot is not None:
         require_matplotlib()
-    cfg = SweepConfig(model=model, retain=retain, couple=tuple(couple), p=ps, q=qs, pairs=pair_files, ppl_data=ppl_data,
-                      modes=modes, targets=tuple(targets or ["all"]), ppl_rows=ppl_rows, seqlen=seqlen,
-                      judge_prompts=tuple(judge_prompts or ()), judge_limit=judge_limit, judge_column=judge_column,
-                      max_new_tokens=max_new_tokens, max_ppl_increase=parse_budget(max_ppl_increase),
-                      batch_size=batch_size, max_length=max_length, resamples=resamples, pairs_limit=pairs_limit,
-                      device=device, dtype=dtype)
+    cfg = SweepConfig(
+        model=model,
+        retain=retain,
+        couple=tuple(couple),
+        p=ps,
+        q=qs,
+        pairs=pair_files,
+        ppl_data=ppl_data,
+        modes=modes,
+        targets=tuple(targets or ["all"]),
+        ppl_rows=ppl_rows,
+        seqlen=seqlen,
+        judge_prompts=tuple(judge_prompts or ()),
+        judge_limit=judge_limit,
+        judge_column=judge_column,
+        max_new_tokens=max_new_tokens,
+        max_ppl_increase=parse_budget(max_ppl_increase),
+        batch_size=batch_size,
+        max_length=max_length,
+        resamples=resamples,
+        pairs_limit=pairs_limit,
+        device=device,
+        dtype=dtype,
+    )
     result = run_sweep(cfg, _log(json_out or quiet))
     if csv_out is not None:
         write_csv(result, csv_out)
@@ -497,32 +670,49 @@ def sweep(
 def _print_sweep(r: dict) -> None:
     from rich.table import Table
 
-    table = Table(title=f"sweep on {r['model']} (ppl: {r['ppl_rows'] or ''} {r['ppl_kind']} of {Path(r['ppl_data']).name})")
+    table = Table(
+        title=f"sweep on {r['model']} (ppl: {r['ppl_rows'] or ''} {r['ppl_kind']} of {Path(r['ppl_data']).name})"
+    )
     names = list(r["pair_sets"])
     judged = list(r["rows"][0]["judged"])
-    for col in ["setting", "method", "zeroed", "ppl (Δ)"] + [f"{n} acc [95% CI] margin" for n in names] \
-            + ["awareness"] + [f"judged {n}" for n in judged] + ["s"]:
+    for col in (
+        ["setting", "method", "zeroed", "ppl (Δ)"]
+        + [f"{n} acc [95% CI] margin" for n in names]
+        + ["awareness"]
+        + [f"judged {n}" for n in judged]
+        + ["s"]
+    ):
         table.add_column(col, justify="left" if col in ("setting", "method") else "right", no_wrap=col == "setting")
     for row in r["rows"]:
-        cells = [("★ " if row["best"] else "") + row["setting"], row["method"], f"{row['zeroed']:,}",
-                 f"{row['ppl']:.4f} ({row['ppl_change']:+.2%})"]
-        cells += [f"{a['accuracy']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}] {a['margin']:+.3f}"
-                  for a in (row["pairs"][n] for n in names)]
+        cells = [
+            ("★ " if row["best"] else "") + row["setting"],
+            row["method"],
+            f"{row['zeroed']:,}",
+            f"{row['ppl']:.4f} ({row['ppl_change']:+.2%})",
+        ]
+        cells += [
+            f"{a['accuracy']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}] {a['margin']:+.3f}"
+            for a in (row["pairs"][n] for n in names)
+        ]
         cells += [f"{row['awareness']:.4f}"]
         cells += ["n/a" if row["judged"][n] is None else f"{row['judged'][n]:.3f}" for n in judged]
         cells += [f"{row['seconds']:.1f}"]
         table.add_row(*cells)
     console = _wide_console()
     console.print(table)
-    console.print(f"best within +{r['max_ppl_increase']:.2%} perplexity (≤ {r['ppl_limit']:.4f}): "
-                  f"[bold]{r['best_setting']}[/] ({r['seconds']:.1f} s)")
+    console.print(
+        f"best within +{r['max_ppl_increase']:.2%} perplexity (≤ {r['ppl_limit']:.4f}): "
+        f"[bold]{r['best_setting']}[/] ({r['seconds']:.1f} s)"
+    )
 
 
 @app.command()
 def convert(
     gguf_file: Annotated[Path, typer.Argument(help="GGUF file (Llama-family and other decoder-only architectures).")],
     output: Annotated[Path, typer.Argument(help="New Hugging Face model directory to write.")],
-    dtype: Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16: the dtype of the dequantized weights.")] = "float32",
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="float32, bfloat16 or float16: the dtype of the dequantized weights.")
+    ] = "float32",
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
@@ -530,8 +720,13 @@ def convert(
     from spinctl.sources.convert import convert_gguf
 
     result = convert_gguf(gguf_file, output, _choice(dtype, "--dtype", ("float32", "bfloat16", "float16")))
-    emit(result, json_out, lambda r: _console().print(
-        f"converted {r['architecture']} ({r['parameters']:,} parameters, {r['dtype']}) in {r['seconds']:.1f} s -> {r['output']}"))
+    emit(
+        result,
+        json_out,
+        lambda r: _console().print(
+            f"converted {r['architecture']} ({r['parameters']:,} parameters, {r['dtype']}) in {r['seconds']:.1f} s -> {r['output']}"
+        ),
+    )
 
 
 @app.command()
@@ -563,7 +758,11 @@ def main() -> None:
             raise
         if distributed.failure_reported() and not distributed.is_main_process():
             sys.exit(1)  # rank 0 has this failure and prints it, once, for the whole torchrun job
-        msg = str(e) if isinstance(e, SpinctlError) else f"{getattr(e, 'filename', None) or ''}: {e.strerror or e}".lstrip(": ")
+        msg = (
+            str(e)
+            if isinstance(e, SpinctlError)
+            else f"{getattr(e, 'filename', None) or ''}: {e.strerror or e}".lstrip(": ")
+        )
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(2 if isinstance(e, UsageError) else 1)  # an option out of range: a usage error, as click's
     except KeyboardInterrupt:

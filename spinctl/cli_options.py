@@ -6,8 +6,9 @@ import functools
 import inspect
 import types
 import typing
+from collections.abc import Callable
 from enum import Enum
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -23,7 +24,7 @@ def _typer_type(cls, f) -> Any:
     if base is None:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         base = args[0] if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else hint
-    return Optional[base] if optional else base
+    return Optional[base] if optional else base  # noqa: UP045 (a runtime type for Typer)
 
 
 def _default(f) -> Any:
@@ -37,11 +38,23 @@ def with_options(*classes) -> Callable:
 
     def decorate(func):
         own = inspect.signature(func, eval_str=True).parameters.values()
-        derived = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=_default(f),
-                                     annotation=Annotated[_typer_type(cls, f), typer.Option(
-                                         flag_name(f.name), help=_help(f), metavar=f.metadata["opt"].metavar or None,
-                                         show_default=f.default is not None)])
-                   for cls, f in fields]
+        derived = [
+            inspect.Parameter(
+                f.name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=_default(f),
+                annotation=Annotated[
+                    _typer_type(cls, f),
+                    typer.Option(
+                        flag_name(f.name),
+                        help=_help(f),
+                        metavar=f.metadata["opt"].metavar or None,
+                        show_default=f.default is not None,
+                    ),
+                ],
+            )
+            for cls, f in fields
+        ]
         params = []
         for p in own:
             params += derived if p.name == "opts" else [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)]

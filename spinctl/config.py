@@ -12,10 +12,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from spinctl.errors import UsageError
 
@@ -40,6 +41,7 @@ class JudgeName(str, Enum):
 
 # ---- value checks: each returns the normalised value or raises ValueError(what is expected) ----
 
+
 def check_text(v):
     if isinstance(v, str) and v.strip():
         return v
@@ -59,6 +61,7 @@ def check_integer(low: int, none_ok: bool = False) -> Callable:
         if isinstance(v, int) and not isinstance(v, bool) and v >= low:
             return v
         raise ValueError(f"must be an integer >= {low}" + (" (or unset)" if none_ok else ""))
+
     return check
 
 
@@ -70,10 +73,16 @@ def check_number(low: float, high: float, low_open: bool = False) -> Callable:
                 x = float(v)
             except ValueError:
                 x = None
-        if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) \
-                and (low < x if low_open else low <= x) and x <= high:
+        if (
+            isinstance(x, (int, float))
+            and not isinstance(x, bool)
+            and math.isfinite(x)
+            and (low < x if low_open else low <= x)
+            and x <= high
+        ):
             return float(x)
         raise ValueError(f"must be a number in {'(' if low_open else '['}{low:g}, {high:g}]")
+
     return check
 
 
@@ -83,6 +92,7 @@ def check_choice(*values: str, enum: type[Enum] | None = None) -> Callable:
         if isinstance(v, str) and v in values:
             return enum(v) if enum else v
         raise ValueError(f"must be one of {', '.join(values)}")
+
     return check
 
 
@@ -97,6 +107,7 @@ def check_path(none_ok: bool = True) -> Callable:
         if isinstance(v, (str, Path)) and str(v).strip():
             return Path(v)
         raise ValueError("must be a path")
+
     return check
 
 
@@ -127,6 +138,7 @@ def check_targets(v):
 
 
 # ---- option metadata ------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Opt:
@@ -160,8 +172,9 @@ class OptionError(UsageError):
 
     def __init__(self, name: str, value: Any, problem: str):
         self.name, self.value, self.problem = name, value, problem
-        super().__init__(f"{flag_name(name)}{'' if value is None else ' ' + short(value)}: "
-                         f"{problem.format_map(_Names(flag_name))}")
+        super().__init__(
+            f"{flag_name(name)}{'' if value is None else ' ' + short(value)}: {problem.format_map(_Names(flag_name))}"
+        )
 
     def render(self, namer: Callable[[str], str]) -> str:
         return f"{namer(self.name)} {self.problem.format_map(_Names(namer))}"
@@ -198,6 +211,7 @@ def values(obj) -> dict[str, Any]:
 
 # ---- the configs ----------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class ScoreConfig:
     """One scoring run: the model, one calibration set, the score file, and the scoring options."""
@@ -205,31 +219,65 @@ class ScoreConfig:
     model: Path
     data: str  # a CSV/JSONL path or builtin:NAME
     output: Path
-    method: Method = option(Method.SNIP, "snip: `|W| ⊙ Σ_s |∇_W L_s|` (per-sample gradients, one batched pass); "
-                            "wanda: `|W| · ‖x‖` (forward only)", check_enum(Method), metavar="snip|wanda", cli=str)
-    nsamples: int = option(128, "rows drawn from DATA: `default_rng(seed).permutation(rows)[:N]`", check_integer(1), metavar="N")
+    method: Method = option(
+        Method.SNIP,
+        "snip: `|W| ⊙ Σ_s |∇_W L_s|` (per-sample gradients, one batched pass); wanda: `|W| · ‖x‖` (forward only)",
+        check_enum(Method),
+        metavar="snip|wanda",
+        cli=str,
+    )
+    nsamples: int = option(
+        128, "rows drawn from DATA: `default_rng(seed).permutation(rows)[:N]`", check_integer(1), metavar="N"
+    )
     seed: int = option(0, "seed of that permutation", check_integer(0), metavar="N")
-    keep: float = option(1e-4, "fraction of each tensor's top scores stored (`K = ceil(F·n)`); "
-                         "`--p`/`--q` may not exceed it later", check_number(0, 1, low_open=True), metavar="F")
-    targets: str = option("mlp", "which Linear weights of the decoder layers are scored", check_targets,
-                          metavar="mlp|attn|all|re:REGEX")
-    max_length: int = option(2048, "tokens per sample; longer samples lose their end; samples left with no "
-                             "response token are skipped and counted", check_integer(2), metavar="N")
-    batch_size: int | None = option(None, "samples per batch; auto: the largest that fits, halved on GPU "
-                                    "out-of-memory", check_batch, metavar="N|auto", cli=str, readme_default="auto")
+    keep: float = option(
+        1e-4,
+        "fraction of each tensor's top scores stored (`K = ceil(F·n)`); `--p`/`--q` may not exceed it later",
+        check_number(0, 1, low_open=True),
+        metavar="F",
+    )
+    targets: str = option(
+        "mlp", "which Linear weights of the decoder layers are scored", check_targets, metavar="mlp|attn|all|re:REGEX"
+    )
+    max_length: int = option(
+        2048,
+        "tokens per sample; longer samples lose their end; samples left with no response token are skipped and counted",
+        check_integer(2),
+        metavar="N",
+    )
+    batch_size: int | None = option(
+        None,
+        "samples per batch; auto: the largest that fits, halved on GPU out-of-memory",
+        check_batch,
+        metavar="N|auto",
+        cli=str,
+        readme_default="auto",
+    )
     device: str = option("auto", "cuda when present", check_device, metavar="auto|cpu|cuda[:i]")
-    dtype: str = option("auto", "bf16 on cuda, f32 on cpu; accumulation is always fp32 (float16 snip scales "
-                        "the loss by 2^12 so per-sample gradients do not underflow)", check_choice(*DTYPES),
-                        metavar="auto|float32|bfloat16|float16")
+    dtype: str = option(
+        "auto",
+        "bf16 on cuda, f32 on cpu; accumulation is always fp32 (float16 snip scales "
+        "the loss by 2^12 so per-sample gradients do not underflow)",
+        check_choice(*DTYPES),
+        metavar="auto|float32|bfloat16|float16",
+    )
     chat_template: bool = option(False, "format prompts with the tokenizer's chat template", check_flag)
     prompt_column: str = option("prompt", "name of the prompt column in DATA", check_text, metavar="NAME")
     response_column: str = option("response", "name of the response column in DATA", check_text, metavar="NAME")
     trust_remote_code: bool = option(False, "run the model's own Python code", check_flag)
-    stream: bool = option(False, "one decoder layer in memory at a time, read from the shards (Llama, Qwen2, "
-                          "Mistral); same scores", check_flag)
-    spill_dir: Path | None = option(None, "with stream: keep the layer activations in files under DIR (removed "
-                                    "afterwards) instead of host memory", check_path(), metavar="DIR", cli=Path,
-                                    relative=True)
+    stream: bool = option(
+        False,
+        "one decoder layer in memory at a time, read from the shards (Llama, Qwen2, Mistral); same scores",
+        check_flag,
+    )
+    spill_dir: Path | None = option(
+        None,
+        "with stream: keep the layer activations in files under DIR (removed afterwards) instead of host memory",
+        check_path(),
+        metavar="DIR",
+        cli=Path,
+        relative=True,
+    )
 
     def __post_init__(self):
         object.__setattr__(self, "model", Path(self.model))
@@ -254,20 +302,33 @@ class SelectConfig:
 
     retain: Path
     couple: tuple[Path, ...]
-    p: float = option(5e-7, "fraction of each tensor in the retain top set (`k = floor(f·n)`, ties to the "
-                      "smaller index, zero scores never selected)", check_number(0, 1), metavar="P")
+    p: float = option(
+        5e-7,
+        "fraction of each tensor in the retain top set (`k = floor(f·n)`, ties to the "
+        "smaller index, zero scores never selected)",
+        check_number(0, 1),
+        metavar="P",
+    )
     q: float = option(5e-7, "fraction of each tensor in each coupled top set", check_number(0, 1), metavar="Q")
-    mode: Mode = option(Mode.paper, "paper: `(top_q(C1) ∩ … ∩ top_q(Cm)) \\ top_p(R)`; reference: the official "
-                        "code's positional AND, exactly two coupled sets (privacy, then fairness)", check_enum(Mode),
-                        metavar="paper|reference", cli=str)
+    mode: Mode = option(
+        Mode.paper,
+        "paper: `(top_q(C1) ∩ … ∩ top_q(Cm)) \\ top_p(R)`; reference: the official "
+        "code's positional AND, exactly two coupled sets (privacy, then fairness)",
+        check_enum(Mode),
+        metavar="paper|reference",
+        cli=str,
+    )
 
     def __post_init__(self):
         validate(self)
         if not self.couple:
             raise UsageError("give at least one --couple score file")
         if self.mode is Mode.reference and len(self.couple) != 2:
-            raise OptionError("mode", self.mode, f"reference takes exactly two coupled score files (privacy, then "
-                              f"fairness), got {len(self.couple)}")
+            raise OptionError(
+                "mode",
+                self.mode,
+                f"reference takes exactly two coupled score files (privacy, then fairness), got {len(self.couple)}",
+            )
 
 
 @dataclass(frozen=True)
@@ -279,9 +340,14 @@ class PatchConfig:
     in_place: bool = option(False, "write zeros into the model itself, undo log first", check_flag)
     dry_run: bool = option(False, "report what would be zeroed; write nothing", check_flag, yaml=False)
     link: bool = option(False, "hard-link shards with nothing to zero instead of copying them", check_flag)
-    no_hash: bool = option(False, "no sha256 (kernel-side copy out of place); verify then checks the zeros only", check_flag)
-    force: bool = option(False, "allow writing in place through symlinks (Hugging Face cache snapshots point into "
-                         "shared blobs)", check_flag)
+    no_hash: bool = option(
+        False, "no sha256 (kernel-side copy out of place); verify then checks the zeros only", check_flag
+    )
+    force: bool = option(
+        False,
+        "allow writing in place through symlinks (Hugging Face cache snapshots point into shared blobs)",
+        check_flag,
+    )
     wait: bool = option(False, "if another spinctl holds the model, wait for it instead of failing", check_flag)
 
     def __post_init__(self):
@@ -299,19 +365,33 @@ class EvalConfig:
     model: Path
     prompts: Path
     column: str = option("questions", "column holding the questions", check_text, metavar="NAME")
-    limit: int | None = option(None, "only the first N questions", check_integer(1, none_ok=True), metavar="N",
-                               readme_default="all")
+    limit: int | None = option(
+        None, "only the first N questions", check_integer(1, none_ok=True), metavar="N", readme_default="all"
+    )
     max_new_tokens: int = option(64, "greedy tokens per answer", check_integer(1), metavar="N")
     batch_size: int = option(8, "questions (or `--pairs` responses) per batch", check_integer(1), metavar="N")
-    judge: str = option("keyword", "keyword: refusal, caution and compliance rules on the answer; "
-                              "model: a local causal LM reading `--judge-template`", check_choice(*(j.value for j in JudgeName)),
-                              metavar="keyword|model", cli=str)
-    judge_model: Path | None = option(None, "local causal LM whose first line of answer is read as safe/unsafe",
-                                      check_path(), metavar="DIR", cli=Path, relative=True)
-    judge_template: Path | None = option(None, "template with `{question}` and `{answer}`", check_path(), metavar="FILE",
-                                         cli=Path, relative=True)
-    save: Path | None = option(None, "write question, answer, verdict per line (JSONL)", check_path(), metavar="FILE",
-                               cli=Path, relative=True)
+    judge: str = option(
+        "keyword",
+        "keyword: refusal, caution and compliance rules on the answer; "
+        "model: a local causal LM reading `--judge-template`",
+        check_choice(*(j.value for j in JudgeName)),
+        metavar="keyword|model",
+        cli=str,
+    )
+    judge_model: Path | None = option(
+        None,
+        "local causal LM whose first line of answer is read as safe/unsafe",
+        check_path(),
+        metavar="DIR",
+        cli=Path,
+        relative=True,
+    )
+    judge_template: Path | None = option(
+        None, "template with `{question}` and `{answer}`", check_path(), metavar="FILE", cli=Path, relative=True
+    )
+    save: Path | None = option(
+        None, "write question, answer, verdict per line (JSONL)", check_path(), metavar="FILE", cli=Path, relative=True
+    )
     device: str = option("auto", "as for score", check_device, metavar="auto|cpu|cuda[:i]")
     dtype: str = option("auto", "as for score", check_choice(*DTYPES), metavar="auto|float32|bfloat16|float16")
 

@@ -11,18 +11,28 @@ import numpy as np
 
 from spinctl import __version__
 from spinctl.config import PatchConfig
-from spinctl.io.checkpoint import Checkpoint, Shard, is_reserved, open_checkpoint
 from spinctl.errors import InputError, OutputError
-from spinctl.io.formats import SelectionFile
+from spinctl.io.checkpoint import Checkpoint, Shard, is_reserved, open_checkpoint
+from spinctl.io.edits import Edits, copy_then_pwrite, file_edits, read_ranges, stream, tensor_ranges, write_in_place
 from spinctl.io.files import refuse_hard_links
+from spinctl.io.formats import SelectionFile
 from spinctl.io.lock import ModelLock
 from spinctl.io.nonweights import copy_other_files
-from spinctl.progress import Reporter, Silent
-from spinctl.io.sidecars import (MANIFEST, UNDO, UndoEntry, check_undo, file_sha256, read_undo, refuse_stacked, remove_stale_temps,
-                       sidecar_paths,
-                       write_manifest, write_undo)
-from spinctl.io.edits import Edits, copy_then_pwrite, file_edits, read_ranges, stream, tensor_ranges, write_in_place
+from spinctl.io.sidecars import (
+    MANIFEST,
+    UNDO,
+    UndoEntry,
+    check_undo,
+    file_sha256,
+    read_undo,
+    refuse_stacked,
+    remove_stale_temps,
+    sidecar_paths,
+    write_manifest,
+    write_undo,
+)
 from spinctl.io.testpoint import pause
+from spinctl.progress import Reporter, Silent
 
 
 @dataclass(frozen=True)
@@ -64,7 +74,13 @@ def undo_entries(plans: list[ShardPlan]) -> dict[str, UndoEntry]:
     return out
 
 
-def manifest(cfg: PatchConfig, sel: SelectionFile, plans: list[ShardPlan], hashes: dict[str, tuple], undo_sha256: str | None = None) -> dict:
+def manifest(
+    cfg: PatchConfig,
+    sel: SelectionFile,
+    plans: list[ShardPlan],
+    hashes: dict[str, tuple],
+    undo_sha256: str | None = None,
+) -> dict:
     per_tensor = {n: int(len(a)) for p in plans for n, a in sorted(p.selected.items())}
     files = {}
     for p in plans:
@@ -74,13 +90,20 @@ def manifest(cfg: PatchConfig, sel: SelectionFile, plans: list[ShardPlan], hashe
         files[p.rel] = entry
     params = {k: v for k, v in sel.meta.items() if k not in ("shapes", "kind", "format", "version")}
     return {
-        "tool": "spinctl", "version": __version__, "command": "patch",
+        "tool": "spinctl",
+        "version": __version__,
+        "command": "patch",
         "parameters": {"selection": params, "in_place": cfg.in_place, "link": cfg.link, "no_hash": cfg.no_hash},
-        "fingerprint": sel.meta["fingerprint"], "hashes": not cfg.no_hash,
-        "files": files, "tensors": per_tensor,
+        "fingerprint": sel.meta["fingerprint"],
+        "hashes": not cfg.no_hash,
+        "files": files,
+        "tensors": per_tensor,
         **({"undo_sha256": undo_sha256} if undo_sha256 else {}),  # recorded even with --no-hash: the log is small
-        "totals": {"zeroed": sum(per_tensor.values()), "tensors_touched": len(per_tensor),
-                   "files_changed": sum(1 for p in plans if p.edits)},
+        "totals": {
+            "zeroed": sum(per_tensor.values()),
+            "tensors_touched": len(per_tensor),
+            "files_changed": sum(1 for p in plans if p.edits),
+        },
     }
 
 
@@ -152,7 +175,9 @@ def run_shards(jobs, work) -> list:
         return list(pool.map(work, jobs))
 
 
-def _patch_out(cfg: PatchConfig, ck: Checkpoint, sel: SelectionFile, plans: list[ShardPlan], progress: Reporter) -> dict:
+def _patch_out(
+    cfg: PatchConfig, ck: Checkpoint, sel: SelectionFile, plans: list[ShardPlan], progress: Reporter
+) -> dict:
     from spinctl.io.files import staged_dir
 
     out = Path(cfg.output)
@@ -191,13 +216,17 @@ def _try_link(src: Path, dst: Path) -> bool:
         return False
 
 
-def _patch_in_place(cfg: PatchConfig, ck: Checkpoint, sel: SelectionFile, plans: list[ShardPlan], progress: Reporter) -> dict:
+def _patch_in_place(
+    cfg: PatchConfig, ck: Checkpoint, sel: SelectionFile, plans: list[ShardPlan], progress: Reporter
+) -> dict:
     manifest_path, undo_path = sidecar_paths(ck.path)
     remove_stale_temps(ck.path)
     if not cfg.force:
         links = [p.shard.path for p in plans if p.edits and p.shard.path.is_symlink()]
         if links:
-            raise OutputError(f"{links[0]}: is a symlink (a Hugging Face cache blob?); writing would change every model sharing it. Copy the model, or pass --force")
+            raise OutputError(
+                f"{links[0]}: is a symlink (a Hugging Face cache blob?); writing would change every model sharing it. Copy the model, or pass --force"
+            )
     refuse_hard_links(p.shard.path for p in plans if p.edits)  # --force or not: the other names are other models
     if undo_path.exists():
         undo = _resume_undo(undo_path, manifest_path, plans)
@@ -205,7 +234,9 @@ def _patch_in_place(cfg: PatchConfig, ck: Checkpoint, sel: SelectionFile, plans:
     else:
         pause("patch-reading-originals")
         undo = undo_entries(plans)
-        undo_sha = write_undo(undo_path, undo, sel.meta["fingerprint"])  # the write-ahead log, fsynced before any range write
+        undo_sha = write_undo(
+            undo_path, undo, sel.meta["fingerprint"]
+        )  # the write-ahead log, fsynced before any range write
     pause("patch-undo-written")
     for p in plans:
         write_in_place(p.shard.path, p.edits)
@@ -218,17 +249,22 @@ def _patch_in_place(cfg: PatchConfig, ck: Checkpoint, sel: SelectionFile, plans:
 def _resume_undo(undo_path: Path, manifest_path: Path, plans: list[ShardPlan]) -> dict[str, UndoEntry]:
     """An undo log without a manifest is an interrupted patch: resume it if it is the same selection."""
     if manifest_path.exists():
-        raise OutputError(f"{undo_path}: the model is already patched; run `spinctl revert --in-place` first (a second undo log would lose the original bytes)")
+        raise OutputError(
+            f"{undo_path}: the model is already patched; run `spinctl revert --in-place` first (a second undo log would lose the original bytes)"
+        )
     _, undo = read_undo(undo_path)
     check_undo(undo_path, undo, {n: t for p in plans for n, t in p.shard.tensors.items()})
     wanted = {n: a for p in plans for n, a in p.selected.items()}
     if set(undo) != set(wanted) or any(not np.array_equal(undo[n].indices, wanted[n]) for n in wanted):
-        raise OutputError(f"{undo_path}: an interrupted patch with another selection left this undo log; run `spinctl revert --in-place` first")
+        raise OutputError(
+            f"{undo_path}: an interrupted patch with another selection left this undo log; run `spinctl revert --in-place` first"
+        )
     return undo
 
 
 def _hash_in_place(plans: list[ShardPlan], undo: dict[str, UndoEntry], progress: Reporter) -> dict[str, tuple]:
     """One read per shard: the patched bytes give the output hash; restoring the undo values gives the input hash."""
+
     def work(p: ShardPlan):
         advance = progress.task(f"hashing {p.rel}", p.shard.size)
         restore = file_edits([(p.shard.tensors[n], undo[n].indices, undo[n].values) for n in p.selected])

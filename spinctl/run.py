@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import replace
 import json
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
-from spinctl.scoring import distributed
-from spinctl.io.checkpoint import open_checkpoint
-from spinctl.errors import OutputError
-from spinctl.io.formats import FORMAT, read_selection, write_selection
 from spinctl.config import values
+from spinctl.errors import OutputError
+from spinctl.io.checkpoint import open_checkpoint
+from spinctl.io.formats import FORMAT, read_selection, write_selection
 from spinctl.runconfig import RunConfig
+from spinctl.scoring import distributed
 
 Log = Callable[[str], None]
 
@@ -22,8 +22,11 @@ Log = Callable[[str], None]
 def cache_key(ck, dataset_sha256: str, options: dict) -> str:
     """Fingerprint, size and mtime of every weight file, the data's sha256, every scoring option, the format."""
     files = [[s.path.name, s.size, s.path.stat().st_mtime_ns] for s in ck.shards]
-    text = json.dumps({"fingerprint": ck.fingerprint(), "files": files, "data": dataset_sha256,
-                       "options": options, "format": FORMAT}, sort_keys=True, default=str)
+    text = json.dumps(
+        {"fingerprint": ck.fingerprint(), "files": files, "data": dataset_sha256, "options": options, "format": FORMAT},
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
@@ -35,8 +38,8 @@ def _score_options(cfg: RunConfig) -> dict:
 
 def score_all(cfg: RunConfig, log: Log) -> list[dict]:
     """One score file per dataset, from the cache when the same inputs were scored before."""
-    from spinctl.scoring.data import read_rows
     from spinctl.runtime import load_model
+    from spinctl.scoring.data import read_rows
     from spinctl.scoring.engine import score
 
     ck = open_checkpoint(cfg.model)
@@ -76,12 +79,18 @@ def run(cfg: RunConfig, log: Log = lambda s: None) -> dict:
         return {"rank": ctx.rank, "scores": scores}
 
     t = time.perf_counter()
-    selected, meta = run_select(replace(cfg.select, retain=Path(scores[0]["file"]),
-                                        couple=tuple(Path(s["file"]) for s in scores[1:])))
-    sel_file = cfg.cache_dir / f"selection-{hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:32]}.safetensors"
+    selected, meta = run_select(
+        replace(cfg.select, retain=Path(scores[0]["file"]), couple=tuple(Path(s["file"]) for s in scores[1:]))
+    )
+    sel_file = (
+        cfg.cache_dir
+        / f"selection-{hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:32]}.safetensors"
+    )
     write_selection(sel_file, selected, meta)
     seconds["select"] = time.perf_counter() - t
-    log(f"selected {sum(len(a) for a in selected.values())} weights (mode {meta['mode']}, p {meta['p']}, q {meta['q']})")
+    log(
+        f"selected {sum(len(a) for a in selected.values())} weights (mode {meta['mode']}, p {meta['p']}, q {meta['q']})"
+    )
 
     t = time.perf_counter()
     manifest = patch(cfg.patch, read_selection(sel_file))
@@ -93,11 +102,19 @@ def run(cfg: RunConfig, log: Log = lambda s: None) -> dict:
     seconds["verify"] = time.perf_counter() - t
     if not check["ok"]:
         bad = check["hash_mismatches"] + check["nonzero_tensors"]
-        raise OutputError(f"{target}: verification failed after patching ({', '.join(bad[:3])}); run spinctl verify {target}")
+        raise OutputError(
+            f"{target}: verification failed after patching ({', '.join(bad[:3])}); run spinctl verify {target}"
+        )
     log(f"patched and verified: {target}")
 
-    result = {"scores": scores, "selection": str(sel_file), "selected": manifest["totals"]["zeroed"],
-              "output": str(target), "verified": check["ok"], "per_tensor": manifest["tensors"]}
+    result = {
+        "scores": scores,
+        "selection": str(sel_file),
+        "selected": manifest["totals"]["zeroed"],
+        "output": str(target),
+        "verified": check["ok"],
+        "per_tensor": manifest["tensors"],
+    }
     if cfg.eval:
         t = time.perf_counter()
         result["eval"] = evaluate_both(cfg, target if target.is_dir() else target.parent, log)

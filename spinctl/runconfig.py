@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from spinctl.config import EvalConfig, OptionError, PatchConfig, ScoreConfig, SelectConfig, check_text, options, short
 from spinctl.errors import InputError
@@ -34,6 +34,7 @@ class RunConfig:
 
 
 # ---- loading: safe, bounded ---------------------------------------------------------------
+
 
 def _expanded_size(node, sizes: dict[int, int], active: set[int]) -> int:
     """Nodes in the document once every alias is expanded (shared nodes counted per use); a cycle is infinite."""
@@ -76,6 +77,7 @@ def parse_yaml(text: str, where: str):
 
 
 # ---- checking: the schema is config.py's options ----------------------------------------------
+
 
 def _texts(v):
     if isinstance(v, list) and v and all(isinstance(x, str) and x.strip() for x in v):
@@ -204,8 +206,16 @@ def load_run_config(path: Path, overrides: list[str] = ()) -> RunConfig:
         ev.setdefault("device", score.device)  # evaluate where scoring ran unless told otherwise
         ev = _typed(path, "eval", lambda: EvalConfig(model=model, prompts=Path(prompts[0]), **ev))
     return RunConfig(
-        model=model, output=output, cache_dir=Path(_rel(base, str(cache))), retain=retain, couple=couple, score=score,
-        select=_typed(path, "select", lambda: SelectConfig(Path(retain), tuple(map(Path, couple)),
-                                                             **(data.get("select") or {}))),
-        patch=_typed(path, "patch", lambda: PatchConfig(model, output, **patch)), eval=ev, eval_prompts=prompts,
+        model=model,
+        output=output,
+        cache_dir=Path(_rel(base, str(cache))),
+        retain=retain,
+        couple=couple,
+        score=score,
+        select=_typed(
+            path, "select", lambda: SelectConfig(Path(retain), tuple(map(Path, couple)), **(data.get("select") or {}))
+        ),
+        patch=_typed(path, "patch", lambda: PatchConfig(model, output, **patch)),
+        eval=ev,
+        eval_prompts=prompts,
     )

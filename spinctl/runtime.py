@@ -16,9 +16,11 @@ from spinctl.scoring import distributed
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
+
 def check_device(device: object, flag: str = "--device") -> str:
     """The value itself when it is auto, cpu, cuda or cuda:N (the check of config.py), else a usage error."""
-    from spinctl.config import DEVICES, check_device as valid
+    from spinctl.config import DEVICES
+    from spinctl.config import check_device as valid
 
     try:
         return valid(device)
@@ -30,8 +32,10 @@ def check_rank_device(device: str, world_size: int, flag: str = "--device") -> N
     """Under torchrun each rank takes cuda:LOCAL_RANK (score.resolve_device); a fixed cuda:N would
     put every rank of the job on that one GPU, contending for its memory."""
     if world_size > 1 and re.fullmatch(r"cuda:\d+", device):
-        raise UsageError(f"{flag} {device}: under torchrun ({world_size} ranks) every rank would use that one GPU; "
-                         f"use --device cuda or auto (each rank takes cuda:LOCAL_RANK), or limit GPUs with CUDA_VISIBLE_DEVICES")
+        raise UsageError(
+            f"{flag} {device}: under torchrun ({world_size} ranks) every rank would use that one GPU; "
+            f"use --device cuda or auto (each rank takes cuda:LOCAL_RANK), or limit GPUs with CUDA_VISIBLE_DEVICES"
+        )
 
 
 @dataclass
@@ -62,7 +66,9 @@ def resolve_device(device: str):
             raise UnsupportedError(f"--device {device}: CUDA is not available here; use --device cpu")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             per_node = "; start at most one rank per GPU (torchrun --nproc-per-node)" if ctx.enabled else ""
-            raise UnsupportedError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present{per_node}")
+            raise UnsupportedError(
+                f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present{per_node}"
+            )
     return dev
 
 
@@ -116,16 +122,23 @@ def load_model(path: Path, device: str = "auto", dtype: str = "auto", trust_remo
     finally:
         if bar:
             hf_logging.enable_progress_bar()
-    lacking = [str(k[0] if isinstance(k, tuple) else k) for k in (*info.get("missing_keys", ()), *info.get("mismatched_keys", ()))]
+    lacking = [
+        str(k[0] if isinstance(k, tuple) else k)
+        for k in (*info.get("missing_keys", ()), *info.get("mismatched_keys", ()))
+    ]
     if lacking:  # transformers would score randomly initialised weights in their place
-        raise UnsupportedError(f"{path}: the checkpoint lacks {len(lacking)} weight(s) the model needs "
-                               f"(e.g. {lacking[0]}); is it complete and of this architecture?")
+        raise UnsupportedError(
+            f"{path}: the checkpoint lacks {len(lacking)} weight(s) the model needs "
+            f"(e.g. {lacking[0]}); is it complete and of this architecture?"
+        )
     model.requires_grad_(False)  # no weight gradients: only the per-sample ones the hooks form
     model.eval()
     try:
         model.to(device)
     except torch.cuda.OutOfMemoryError:
-        raise SpinctlError(f"{path}: the model does not fit in the memory of {device}; score it with --stream") from None
+        raise SpinctlError(
+            f"{path}: the model does not fit in the memory of {device}; score it with --stream"
+        ) from None
     return LoadedModel(path, model, tokenizer, device, torch_dtype)
 
 

@@ -9,8 +9,8 @@ import numpy as np
 
 from spinctl.config import Mode, SelectConfig
 from spinctl.errors import InputError, OutputError
-from spinctl.io.formats import ScoreFile, read_scores, top_count, write_selection
 from spinctl.io.files import file_sha256
+from spinctl.io.formats import ScoreFile, read_scores, top_count, write_selection
 
 
 def _top_set(f: ScoreFile, name: str, fraction: float) -> np.ndarray:
@@ -53,10 +53,14 @@ def check_compatible(retain: ScoreFile, couple: list[ScoreFile], p: float, q: fl
             raise InputError(f"{f.path}: tensor {name} differs from {retain.path}; score both with the same --targets")
     for f, frac, label in [(retain, p, "p")] + [(c, q, "q") for c in couple]:
         if frac > f.keep:
-            raise InputError(f"{f.path}: kept only the top {f.keep} of each tensor, below --{label} {frac}; rescore with --keep {frac} or more")
+            raise InputError(
+                f"{f.path}: kept only the top {f.keep} of each tensor, below --{label} {frac}; rescore with --keep {frac} or more"
+            )
 
 
-def select(retain: ScoreFile, couple: list[ScoreFile], p: float, q: float, mode: Mode = Mode.paper) -> dict[str, np.ndarray]:
+def select(
+    retain: ScoreFile, couple: list[ScoreFile], p: float, q: float, mode: Mode = Mode.paper
+) -> dict[str, np.ndarray]:
     """name -> sorted int64 flat indices to zero, for every scored tensor.
 
     Args:
@@ -102,10 +106,13 @@ def run_select(cfg: SelectConfig) -> tuple[dict[str, np.ndarray], dict]:
     couple = [read_scores(c) for c in cfg.couple]
     selected = select(retain, couple, cfg.p, cfg.q, cfg.mode)
     meta = {
-        "mode": Mode(cfg.mode).value, "p": cfg.p, "q": cfg.q,
+        "mode": Mode(cfg.mode).value,
+        "p": cfg.p,
+        "q": cfg.q,
         "retain_sha256": file_sha256(cfg.retain),
         "couple_sha256": [file_sha256(c) for c in cfg.couple],
-        "fingerprint": retain.meta["fingerprint"], "shapes": retain.shapes,
+        "fingerprint": retain.meta["fingerprint"],
+        "shapes": retain.shapes,
     }
     return selected, meta
 
@@ -141,7 +148,12 @@ def select_to_file(cfg: SelectConfig, output: Path) -> dict:
 def summary(selected: dict[str, np.ndarray], meta: dict, output: Path | None) -> dict:
     counts = {n: int(len(a)) for n, a in selected.items()}
     return {
-        "file": str(output) if output else None, "mode": meta["mode"], "p": meta["p"], "q": meta["q"],
-        "tensors": len(counts), "tensors_touched": sum(1 for c in counts.values() if c),
-        "selected": sum(counts.values()), "per_tensor": counts,
+        "file": str(output) if output else None,
+        "mode": meta["mode"],
+        "p": meta["p"],
+        "q": meta["q"],
+        "tensors": len(counts),
+        "tensors_touched": sum(1 for c in counts.values() if c),
+        "selected": sum(counts.values()),
+        "per_tensor": counts,
     }

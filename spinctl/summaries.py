@@ -30,20 +30,38 @@ def inspect(path: Path) -> dict:
         meta = {k: v for k, v in f.meta.items() if k != "shapes"}
         entries = {n: len(a) for n, a in f.indices.items()}
         top = {n: float(s[0]) for n, s in f.scores.items() if len(s)}
-        return {"kind": kind, "file": str(path), "meta": meta, "tensors": len(entries),
-                "entries": sum(entries.values()), "max_score": max(top.values(), default=None)}
+        return {
+            "kind": kind,
+            "file": str(path),
+            "meta": meta,
+            "tensors": len(entries),
+            "entries": sum(entries.values()),
+            "max_score": max(top.values(), default=None),
+        }
     if kind == "selection":
         f = read_selection(path)
         counts = {n: int(len(a)) for n, a in f.indices.items()}
         meta = {k: v for k, v in f.meta.items() if k != "shapes"}
-        return {"kind": kind, "file": str(path), "meta": meta, "tensors": len(counts),
-                "selected": sum(counts.values()), "per_tensor": {n: c for n, c in counts.items() if c}}
+        return {
+            "kind": kind,
+            "file": str(path),
+            "meta": meta,
+            "tensors": len(counts),
+            "selected": sum(counts.values()),
+            "per_tensor": {n: c for n, c in counts.items() if c},
+        }
     ck = open_checkpoint(path)
     manifest, undo = sidecar_paths(path)
     dtypes = Counter(t.dtype for t in ck.tensors.values())
     return {
-        "kind": "checkpoint", "path": str(path), "fingerprint": ck.fingerprint(), "shards": len(ck.shards),
-        "tensors": len(ck.tensors), "parameters": sum(math.prod(t.shape) for t in ck.tensors.values()),
-        "bytes": sum(s.size for s in ck.shards), "dtypes": dict(sorted(dtypes.items())),
-        "patched": manifest.exists(), "undo_log": undo.exists(),
+        "kind": "checkpoint",
+        "path": str(path),
+        "fingerprint": ck.fingerprint(),
+        "shards": len(ck.shards),
+        "tensors": len(ck.tensors),
+        "parameters": sum(math.prod(t.shape) for t in ck.tensors.values()),
+        "bytes": sum(s.size for s in ck.shards),
+        "dtypes": dict(sorted(dtypes.items())),
+        "patched": manifest.exists(),
+        "undo_log": undo.exists(),
     }

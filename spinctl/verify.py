@@ -5,16 +5,24 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from spinctl.io.checkpoint import TensorEntry, read_shard, weight_file_names
 from spinctl.errors import InputError, OutputError
+from spinctl.io.checkpoint import TensorEntry, read_shard, weight_file_names
+from spinctl.io.edits import Edits, file_edits, read_ranges, stream, tensor_ranges, write_in_place
 from spinctl.io.files import refuse_hard_links
 from spinctl.io.lock import ModelLock
 from spinctl.io.nonweights import copy_other_files
+from spinctl.io.sidecars import (
+    UndoEntry,
+    check_undo,
+    check_undo_recorded,
+    read_manifest,
+    read_undo,
+    remove_stale_temps,
+    sidecar_paths,
+)
+from spinctl.io.testpoint import pause
 from spinctl.patch import check_output_dir, run_shards
 from spinctl.progress import Reporter, Silent
-from spinctl.io.sidecars import UndoEntry, check_undo, check_undo_recorded, read_manifest, read_undo, remove_stale_temps, sidecar_paths
-from spinctl.io.edits import Edits, file_edits, read_ranges, stream, tensor_ranges, write_in_place
-from spinctl.io.testpoint import pause
 
 
 def _root(target: Path) -> Path:
@@ -60,11 +68,15 @@ def _check_file_list(target: Path, manifest_path: Path, files: list[str]) -> Non
     own = [target.name] if target.is_file() else weight_file_names(target)
     missing, extra = sorted(set(own) - set(files)), sorted(set(files) - set(own))
     if missing:
-        raise InputError(f"{manifest_path}: weight file {missing[0]} of the checkpoint is not in the manifest; "
-                         "the manifest is incomplete or belongs to another checkpoint")
+        raise InputError(
+            f"{manifest_path}: weight file {missing[0]} of the checkpoint is not in the manifest; "
+            "the manifest is incomplete or belongs to another checkpoint"
+        )
     if extra:
-        raise InputError(f"{manifest_path}: lists {extra[0]}, which is not a weight file of {target}; "
-                         "the manifest is corrupt or belongs to another checkpoint")
+        raise InputError(
+            f"{manifest_path}: lists {extra[0]}, which is not a weight file of {target}; "
+            "the manifest is corrupt or belongs to another checkpoint"
+        )
 
 
 def _edits(tensors: dict[str, TensorEntry], undo: dict[str, UndoEntry], restore: bool) -> Edits:
@@ -107,12 +119,13 @@ def _verify(target: Path, lock: ModelLock, progress: Reporter) -> dict:
     if manifest is None:
         raise InputError(f"{sidecar_paths(target)[0]}: no manifest; the patch was interrupted: rerun it, or revert")
     nonzero = []
-    for rel, tensors in layout.items():
+    for tensors in layout.values():
         for name, t in tensors.items():
             if name in undo and any(read_ranges(t.file, *tensor_ranges(t, undo[name].indices))):
                 nonzero.append(name)
     mismatched = []
     if manifest.get("hashes"):
+
         def work(rel):
             advance = progress.task(f"verifying {rel}", os.path.getsize(_root(target) / rel))
             return rel, stream(_root(target) / rel, Edits.none(), hash_after=False, advance=advance)[0]
@@ -121,9 +134,13 @@ def _verify(target: Path, lock: ModelLock, progress: Reporter) -> dict:
             if digest != manifest["files"][rel].get("output_sha256"):
                 mismatched.append(rel)
     return {
-        "ok": not nonzero and not mismatched, "target": str(target), "hashes_checked": bool(manifest.get("hashes")),
-        "files": len(layout), "selected": sum(len(u.indices) for u in undo.values()),
-        "hash_mismatches": mismatched, "nonzero_tensors": nonzero,
+        "ok": not nonzero and not mismatched,
+        "target": str(target),
+        "hashes_checked": bool(manifest.get("hashes")),
+        "files": len(layout),
+        "selected": sum(len(u.indices) for u in undo.values()),
+        "hash_mismatches": mismatched,
+        "nonzero_tensors": nonzero,
     }
 
 
@@ -175,20 +192,32 @@ def _revert(target: Path, output: Path | None, lock: ModelLock, progress: Report
     from spinctl.io.files import staged_dir
 
     with staged_dir(output) as tmp:
+
         def work(rel):
             advance = progress.task(f"reverting {rel}", os.path.getsize(_root(target) / rel))
-            return rel, stream(_root(target) / rel, _edits(layout[rel], undo, True), tmp / rel, hash_before=False, advance=advance)[1]
+            return rel, stream(
+                _root(target) / rel, _edits(layout[rel], undo, True), tmp / rel, hash_before=False, advance=advance
+            )[1]
 
         for rel, digest in run_shards(list(layout), work):
             expected = (manifest or {}).get("files", {}).get(rel, {}).get("input_sha256")
             if expected and digest != expected:
-                raise OutputError(f"{_root(target) / rel}: restored bytes do not match the original sha256; the patched file was changed after patching")
+                raise OutputError(
+                    f"{_root(target) / rel}: restored bytes do not match the original sha256; the patched file was changed after patching"
+                )
         if target.is_dir():
             copy_other_files(target, set(layout), tmp)
-    return {"output": str(output), "files": len(layout), "restored": sum(len(u.indices) for u in undo.values()), "in_place": False}
+    return {
+        "output": str(output),
+        "files": len(layout),
+        "restored": sum(len(u.indices) for u in undo.values()),
+        "in_place": False,
+    }
 
 
-def _check_restorable(target: Path, manifest: dict | None, undo: dict[str, UndoEntry], layout: dict, progress: Reporter) -> None:
+def _check_restorable(
+    target: Path, manifest: dict | None, undo: dict[str, UndoEntry], layout: dict, progress: Reporter
+) -> None:
     """Before any byte is written: each file, with the undo values applied, hashes to its recorded input sha256.
 
     Reads every file the patch changed (or the log now touches), so a revert in place costs a read of
@@ -196,8 +225,12 @@ def _check_restorable(target: Path, manifest: dict | None, undo: dict[str, UndoE
     own sha256 and tensor counts (checked in _load) are all there is.
     """
     root, files = _root(target), (manifest or {}).get("files", {})
-    todo = [rel for rel in layout if files.get(rel, {}).get("input_sha256")
-            and (files[rel]["input_sha256"] != files[rel].get("output_sha256") or any(n in undo for n in layout[rel]))]
+    todo = [
+        rel
+        for rel in layout
+        if files.get(rel, {}).get("input_sha256")
+        and (files[rel]["input_sha256"] != files[rel].get("output_sha256") or any(n in undo for n in layout[rel]))
+    ]
 
     def work(rel):
         advance = progress.task(f"checking {rel}", os.path.getsize(root / rel))
@@ -205,8 +238,10 @@ def _check_restorable(target: Path, manifest: dict | None, undo: dict[str, UndoE
 
     for rel, digest in run_shards(todo, work) if todo else []:
         if digest != files[rel]["input_sha256"]:
-            raise InputError(f"{sidecar_paths(target)[1]}: restoring {root / rel} from it would not give the original bytes "
-                             "(sha256 differs from the manifest's input_sha256); nothing was restored")
+            raise InputError(
+                f"{sidecar_paths(target)[1]}: restoring {root / rel} from it would not give the original bytes "
+                "(sha256 differs from the manifest's input_sha256); nothing was restored"
+            )
 
 
 def _revert_in_place(target: Path, undo: dict[str, UndoEntry], layout: dict) -> dict:
@@ -221,4 +256,9 @@ def _revert_in_place(target: Path, undo: dict[str, UndoEntry], layout: dict) -> 
     from spinctl.io.files import fsync_dir
 
     fsync_dir(root)
-    return {"output": str(target), "files": len(layout), "restored": sum(len(u.indices) for u in undo.values()), "in_place": True}
+    return {
+        "output": str(target),
+        "files": len(layout),
+        "restored": sum(len(u.indices) for u in undo.values()),
+        "in_place": True,
+    }

@@ -41,8 +41,14 @@ def argv(*args) -> list[str]:
     return [sys.executable, "-m", "spinctl", *map(str, args)]
 
 
-def cli(*args, env: Mapping[str, str | None] | None = None, cwd: Path | str | None = None,
-            timeout: float | None = TIMEOUT, check: bool = False, **kw) -> subprocess.CompletedProcess:
+def cli(
+    *args,
+    env: Mapping[str, str | None] | None = None,
+    cwd: Path | str | None = None,
+    timeout: float | None = TIMEOUT,
+    check: bool = False,
+    **kw,
+) -> subprocess.CompletedProcess:
     """Run `python -m spinctl ARGS...` to completion: a CompletedProcess with text stdout and stderr.
 
     check=True asserts exit status 0 (the message is the process's stderr). Other keyword
@@ -53,14 +59,27 @@ def cli(*args, env: Mapping[str, str | None] | None = None, cwd: Path | str | No
     return r
 
 
-def python(*args, env: Mapping[str, str | None] | None = None, cwd: Path | str | None = None,
-           timeout: float | None = TIMEOUT, **kw) -> subprocess.CompletedProcess:
+def python(
+    *args,
+    env: Mapping[str, str | None] | None = None,
+    cwd: Path | str | None = None,
+    timeout: float | None = TIMEOUT,
+    **kw,
+) -> subprocess.CompletedProcess:
     """`python ARGS...` (e.g. -c CODE) with the same environment and output handling as `cli`."""
-    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, env=child_env(env),
-                          cwd=cwd, timeout=timeout, **kw)
+    return subprocess.run(
+        [sys.executable, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=child_env(env),
+        cwd=cwd,
+        timeout=timeout,
+        **kw,
+    )
 
 
 def start(*args, env: Mapping[str, str | None] | None = None, cwd: Path | str | None = None) -> subprocess.Popen:
     """`python -m spinctl ARGS...` started in the background, stdout and stderr piped as text."""
-    return subprocess.Popen(argv(*args), env=child_env(env), cwd=cwd, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        argv(*args), env=child_env(env), cwd=cwd, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )

@@ -15,7 +15,9 @@ def scored_names(ck, pattern: str = "mlp") -> list[str]:
     return sorted(n for n, t in ck.tensors.items() if pattern in n and n.endswith(".weight") and len(t.shape) == 2)
 
 
-def dense_scores(model: Path, seed: int, levels: int | None = None, names: list[str] | None = None) -> dict[str, np.ndarray]:
+def dense_scores(
+    model: Path, seed: int, levels: int | None = None, names: list[str] | None = None
+) -> dict[str, np.ndarray]:
     """name -> random non-negative float32 scores [n]; `levels` draws from a few values (ties, zeros)."""
     ck = open_checkpoint(model)
     rng = np.random.default_rng(seed)
@@ -35,13 +37,24 @@ def write_dense(model: Path, out: Path, dense: dict[str, np.ndarray], keep: floa
         order = order[s[order] > 0][: keep_count(keep, len(s))]
         entries[name] = (order.astype(np.int64), s[order])
     shapes = {name: list(ck.tensors[name].shape) for name in dense}
-    meta = score_meta(method="snip", nsamples=8, seed=seed, keep=keep, targets="mlp", max_length=64,
-                      dtype="float32", dataset_sha256="0" * 64, dataset_rows=8,
-                      fingerprint=ck.fingerprint(), shapes=shapes)
+    meta = score_meta(
+        method="snip",
+        nsamples=8,
+        seed=seed,
+        keep=keep,
+        targets="mlp",
+        max_length=64,
+        dtype="float32",
+        dataset_sha256="0" * 64,
+        dataset_rows=8,
+        fingerprint=ck.fingerprint(),
+        shapes=shapes,
+    )
     write_scores(out, entries, meta)
     return out
 
 
-def fake_scores(model: Path, out: Path, seed: int, keep: float = 0.05, levels: int | None = None,
-                names: list[str] | None = None) -> Path:
+def fake_scores(
+    model: Path, out: Path, seed: int, keep: float = 0.05, levels: int | None = None, names: list[str] | None = None
+) -> Path:
     return write_dense(model, out, dense_scores(model, seed, levels, names), keep, seed)

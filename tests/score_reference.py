@@ -25,8 +25,11 @@ def load_float64(model_dir):
 
 def linear_weights(model) -> dict[str, nn.Linear]:
     """Every nn.Linear inside model.model.layers, by weight name (callers filter by target)."""
-    return {f"{name}.weight": m for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and name.startswith("model.layers.")}
+    return {
+        f"{name}.weight": m
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and name.startswith("model.layers.")
+    }
 
 
 def reference_snip(model, samples: list[tuple[list[int], int]]) -> dict[str, np.ndarray]:
@@ -68,6 +71,7 @@ def reference_wanda(model, samples: list[tuple[list[int], int]]) -> dict[str, np
             for t in range(x.shape[0]):
                 if t >= current["n_prompt"]:
                     sums[name] += x[t] ** 2
+
         return fn
 
     handles = [m.register_forward_hook(hook(name)) for name, m in weights.items()]
@@ -81,7 +85,9 @@ def reference_wanda(model, samples: list[tuple[list[int], int]]) -> dict[str, np
             n += 1
     for h in handles:
         h.remove()
-    return {name: (m.weight.detach().abs() * torch.sqrt(sums[name] / n)[None, :]).numpy() for name, m in weights.items()}
+    return {
+        name: (m.weight.detach().abs() * torch.sqrt(sums[name] / n)[None, :]).numpy() for name, m in weights.items()
+    }
 
 
 def reference_topk(scores: np.ndarray, k: int) -> np.ndarray:

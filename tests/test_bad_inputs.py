@@ -17,14 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from clirun import cli
 from fakes import fake_scores
+
 from spinctl.io.checkpoint import open_checkpoint
 from spinctl.io.formats import read_scores, read_selection, write_scores, write_selection
+from spinctl.io.sidecars import UndoEntry, encode_undo, read_undo
 from spinctl.patch import PatchConfig, patch
 from spinctl.selection import SelectConfig, run_select
-from spinctl.io.sidecars import UndoEntry, encode_undo, read_undo
 
 P, Q, KEEP = 0.01, 0.02, 0.05  # p, q within the score files' keep
 
@@ -44,7 +44,11 @@ def tree(root: Path) -> dict[str, tuple]:
             p = Path(dirpath, name)
             rel = str(p.relative_to(root))
             if p.is_symlink():
-                out[rel] = ("link", os.readlink(p), _sha(p) if p.is_file() and not str(p.resolve()).startswith("/dev/") else None)
+                out[rel] = (
+                    "link",
+                    os.readlink(p),
+                    _sha(p) if p.is_file() and not str(p.resolve()).startswith("/dev/") else None,
+                )
             elif p.is_dir():
                 out[rel] = ("dir",)
             elif not p.is_file():  # a FIFO: opening it to hash would block
@@ -72,7 +76,7 @@ def assert_clean_failure(r: subprocess.CompletedProcess, expect: list[str]) -> N
 def read_header(path: Path) -> tuple[dict, bytes]:
     raw = path.read_bytes()
     n = int.from_bytes(raw[:8], "little")
-    return json.loads(raw[8:8 + n]), raw[8 + n:]
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
 
 
 def write_raw(path: Path, header: bytes, data: bytes) -> None:
@@ -109,8 +113,10 @@ def shard_with_two_tensors(model: Path) -> tuple[Path, list[str]]:
     """A shard and its non-empty tensors in file order (at least two)."""
     for s in shards(model):
         header, _ = read_header(s)
-        names = sorted((k for k in header if k != "__metadata__" and header[k]["data_offsets"][1] > header[k]["data_offsets"][0]),
-                       key=lambda k: header[k]["data_offsets"][0])
+        names = sorted(
+            (k for k in header if k != "__metadata__" and header[k]["data_offsets"][1] > header[k]["data_offsets"][0]),
+            key=lambda k: header[k]["data_offsets"][0],
+        )
         if len(names) >= 2:
             return s, names
     raise AssertionError("no shard with two tensors")
@@ -151,7 +157,20 @@ class World:
         return ["patch", model, tmp / "out", "-s", self.file(tmp, "sel"), *extra]
 
     def select_argv(self, tmp: Path, retain: Path, couple: Path, *extra) -> list:
-        return ["select", "--retain", retain, "--couple", couple, "--p", P, "--q", Q, "-o", tmp / "out.safetensors", *extra]
+        return [
+            "select",
+            "--retain",
+            retain,
+            "--couple",
+            couple,
+            "--p",
+            P,
+            "--q",
+            Q,
+            "-o",
+            tmp / "out.safetensors",
+            *extra,
+        ]
 
     def selected_shard(self, model: Path) -> Path:
         """The first shard (in name order) holding a selected element."""
@@ -396,14 +415,26 @@ def q_above_keep_patch(w, tmp):
 def _non_float(w, tmp, dtype: str, itemsize: int):
     (tmp / "in").mkdir()
     rng = np.random.default_rng(0)
-    f = raw_safetensors(tmp / "in" / "model.safetensors", {
-        "model.norm.weight": ("F32", [16], rng.random(16, dtype=np.float32).tobytes()),
-        "model.layers.0.mlp.up_proj.weight": (dtype, [8, 16], rng.bytes(8 * 16 * itemsize)),
-    })
+    f = raw_safetensors(
+        tmp / "in" / "model.safetensors",
+        {
+            "model.norm.weight": ("F32", [16], rng.random(16, dtype=np.float32).tobytes()),
+            "model.layers.0.mlp.up_proj.weight": (dtype, [8, 16], rng.bytes(8 * 16 * itemsize)),
+        },
+    )
     fp = open_checkpoint(f).fingerprint()
-    meta = {"mode": "paper", "p": P, "q": Q, "retain_sha256": "0" * 64, "couple_sha256": ["0" * 64],
-            "fingerprint": fp, "shapes": {"model.layers.0.mlp.up_proj.weight": [8, 16]}}
-    write_selection(tmp / "sel.safetensors", {"model.layers.0.mlp.up_proj.weight": np.array([1, 2, 40], np.int64)}, meta)
+    meta = {
+        "mode": "paper",
+        "p": P,
+        "q": Q,
+        "retain_sha256": "0" * 64,
+        "couple_sha256": ["0" * 64],
+        "fingerprint": fp,
+        "shapes": {"model.layers.0.mlp.up_proj.weight": [8, 16]},
+    }
+    write_selection(
+        tmp / "sel.safetensors", {"model.layers.0.mlp.up_proj.weight": np.array([1, 2, 40], np.int64)}, meta
+    )
     return ["patch", f, tmp / "out", "-s", tmp / "sel.safetensors"], [f, "model.layers.0.mlp.up_proj.weight"]
 
 
@@ -523,6 +554,7 @@ def _bad_scores(w, tmp, spoil):
 def scores_out_of_rank_order(w, tmp):
     def swap(idx, sc, n):
         idx[[3, 4]], sc[[3, 4]] = idx[[4, 3]], sc[[4, 3]]
+
     return _bad_scores(w, tmp, swap)
 
 
@@ -530,6 +562,7 @@ def scores_out_of_rank_order(w, tmp):
 def scores_index_out_of_range(w, tmp):
     def past_end(idx, sc, n):
         idx[5] = n
+
     return _bad_scores(w, tmp, past_end)
 
 
@@ -571,8 +604,6 @@ def garbage_scores(w, tmp):
 @case
 def missing_scores(w, tmp):
     return w.select_argv(tmp, w.file(tmp, "r"), tmp / "nope.safetensors"), [tmp / "nope.safetensors"]
-
-
 
 
 def _bf16(a: np.ndarray) -> bytes:
@@ -708,7 +739,12 @@ def _spoiled_revert(how: str, **kw):
     def build(w, tmp):
         m, undo_path = _in_place_spoiled(w, tmp, SPOILS[how], **kw)
         return ["revert", m, "--in-place"], [undo_path]
-    build.__name__ = f"revert_in_place_undo_{how}" + ("_no_hash" if kw.get("no_hash") else "") + ("_manifest_too" if kw.get("fix_manifest") else "")
+
+    build.__name__ = (
+        f"revert_in_place_undo_{how}"
+        + ("_no_hash" if kw.get("no_hash") else "")
+        + ("_manifest_too" if kw.get("fix_manifest") else "")
+    )
     return case(build)
 
 
@@ -716,6 +752,7 @@ def _spoiled_verify(how: str, **kw):
     def build(w, tmp):
         m, undo_path = _in_place_spoiled(w, tmp, SPOILS[how], **kw)
         return ["verify", m], [undo_path.name]
+
     build.__name__ = f"verify_undo_{how}" + ("_no_hash" if kw.get("no_hash") else "")
     return case(build)
 
@@ -938,8 +975,11 @@ def select_without_couple(w, tmp):
 @pytest.fixture(scope="module")
 def outcomes(world, tmp_path_factory, request) -> dict:
     """Build every selected case in its own dir, then run the CLIs concurrently: each is ~0.5 s of interpreter start-up."""
-    selected = {item.callspec.params["name"] for item in request.session.items
-                if getattr(item, "originalname", None) == "test_bad_input"}
+    selected = {
+        item.callspec.params["name"]
+        for item in request.session.items
+        if getattr(item, "originalname", None) == "test_bad_input"
+    }
     prepared = {}
     for name, (build, code) in CASES.items():
         if name not in selected:

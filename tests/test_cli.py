@@ -4,15 +4,16 @@ import json
 import math
 
 import pytest
-
 from clirun import cli, python
 from fakes import fake_scores
 
 
 def test_help_imports_neither_torch_nor_numba():
-    code = ("import sys; from spinctl.cli import app; from typer.testing import CliRunner; "
-            "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
-            "bad = [m for m in ('torch', 'numba', 'transformers') if m in sys.modules]; assert not bad, bad")
+    code = (
+        "import sys; from spinctl.cli import app; from typer.testing import CliRunner; "
+        "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
+        "bad = [m for m in ('torch', 'numba', 'transformers') if m in sys.modules]; assert not bad, bad"
+    )
     r = python("-c", code)
     assert r.returncode == 0, r.stderr
 
@@ -30,8 +31,20 @@ def test_usage_error_exits_2():
 def test_json_prints_exactly_one_object(tiny_model, tmp_path):
     model = tiny_model("llama", "float32")
     files = [fake_scores(model, tmp_path / f"s{i}.safetensors", seed=i) for i in range(2)]
-    r = cli("select", "--retain", files[0], "--couple", files[1], "--p", "0.01", "--q", "0.02",
-            "-o", tmp_path / "sel.safetensors", "--json")
+    r = cli(
+        "select",
+        "--retain",
+        files[0],
+        "--couple",
+        files[1],
+        "--p",
+        "0.01",
+        "--q",
+        "0.02",
+        "-o",
+        tmp_path / "sel.safetensors",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["selected"] >= 0 and r.stdout.count("\n") == 1
     r = cli("inspect", model, "--json")
@@ -55,7 +68,7 @@ def text_nll(model_dir, text: str, seqlen: int) -> tuple[float, int]:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     total, count = 0.0, 0
     for s in range(0, len(ids), seqlen):
-        w = torch.tensor([ids[s:s + seqlen]])  # [1, T]
+        w = torch.tensor([ids[s : s + seqlen]])  # [1, T]
         if w.shape[1] < 2:
             continue
         with torch.no_grad():
@@ -77,12 +90,29 @@ def test_eval_and_ppl_commands(tiny_model, tmp_path):
     vocab, hidden = config["vocab_size"], config["hidden_size"]
     assert json.loads(r.stdout)["tensors"] == {"lm_head.weight": vocab * hidden}
 
-    r = cli("eval", model, "--prompts", "builtin:eval_prompts", "--limit", "4", "--max-new-tokens", "4",
-            "--compare", patched, "--device", "cpu", "--save", tmp_path / "a.jsonl", "--json")
+    r = cli(
+        "eval",
+        model,
+        "--prompts",
+        "builtin:eval_prompts",
+        "--limit",
+        "4",
+        "--max-new-tokens",
+        "4",
+        "--compare",
+        patched,
+        "--device",
+        "cpu",
+        "--save",
+        tmp_path / "a.jsonl",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     both = json.loads(r.stdout)
-    saved = {name: [json.loads(line)["answer"] for line in (tmp_path / name).read_text().splitlines()]
-             for name in ("a.jsonl", "a.compare.jsonl")}  # one file per model, not one over the other
+    saved = {
+        name: [json.loads(line)["answer"] for line in (tmp_path / name).read_text().splitlines()]
+        for name in ("a.jsonl", "a.compare.jsonl")
+    }  # one file per model, not one over the other
     assert any(saved["a.jsonl"]) and not any(saved["a.compare.jsonl"]), saved
     original, compare = both["original"], both["compare"]
     assert original["model"] == str(model) and compare["model"] == str(patched)

@@ -6,9 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from clirun import cli
-
 
 NO_DATA = {"SPINCTL_DATA": None}  # the demo must not find the developer's copy of the paper's CSVs
 

@@ -15,17 +15,17 @@ import time
 from pathlib import Path
 
 import pytest
-
-import spinctl.patch
-import spinctl.io.edits
 from clirun import cli, python, start
 from fakes import fake_scores
-from spinctl.io.checkpoint import open_checkpoint
+
+import spinctl.io.edits
+import spinctl.patch
 from spinctl.errors import InputError
+from spinctl.io.checkpoint import open_checkpoint
 from spinctl.io.formats import read_selection, write_selection
+from spinctl.io.sidecars import read_manifest, sidecar_paths
 from spinctl.patch import PatchConfig, patch, plan
 from spinctl.selection import SelectConfig, run_select
-from spinctl.io.sidecars import read_manifest, sidecar_paths
 from spinctl.verify import revert, verify
 
 MODELS = ["sharded-bf16", "single-f32"]
@@ -82,8 +82,11 @@ def root_of(target: Path) -> Path:
 
 def tree(root: Path) -> dict[str, str]:
     """relative path -> sha256 of every file under root, hidden ones included."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def weight_names(pr: Pristine) -> list[str]:
@@ -186,6 +189,7 @@ def crash_revert(target: Path, point: str, ranges: int, monkeypatch) -> None:
             if self.name.endswith("spin-undo.safetensors"):
                 raise Crash("died before removing the undo log")
             return real(self, *a, **k)
+
         monkeypatch.setattr(pathlib.Path, "unlink", unlink)
     else:
         arm_pwrite(monkeypatch, {"first": 0, "middle": ranges // 2, "last": ranges - 1}[point])
@@ -219,6 +223,7 @@ def _die_after(n: int, what: str):
         if calls[0] >= n:
             raise Crash(f"died in {what} after {n} calls") if what != "interrupt" else KeyboardInterrupt()
         calls[0] += 1
+
     return tick
 
 
@@ -236,6 +241,7 @@ def test_out_of_place_crash_leaves_nothing(pristine, tmp_path, monkeypatch, how)
         def write_full(f, data):
             tick()
             return real(f, data)
+
         monkeypatch.setattr(spinctl.io.edits, "_write_full", write_full)
     elif how == "no-hash-pwrite":
         tick, real = _die_after(3, "pwrite"), os.pwrite
@@ -243,6 +249,7 @@ def test_out_of_place_crash_leaves_nothing(pristine, tmp_path, monkeypatch, how)
         def pwrite(fd, data, offset):
             tick()
             return real(fd, data, offset)
+
         monkeypatch.setattr(spinctl.io.edits.os, "pwrite", pwrite)
     else:
         monkeypatch.setattr(spinctl.patch, "write_manifest", die)
@@ -267,6 +274,7 @@ def test_out_of_place_revert_crash_leaves_nothing(pristine, tmp_path, monkeypatc
     def write_full(f, data):
         tick()
         return real(f, data)
+
     monkeypatch.setattr(spinctl.io.edits, "_write_full", write_full)
     with pytest.raises(Crash):
         revert(target, tmp_path / "restored")
@@ -396,7 +404,9 @@ def test_race_second_in_place_patch_is_refused(pristine, tmp_path):
     """The lost-bytes race: B checked there is no undo log, A patches meanwhile, B would log A's zeros."""
     target = pristine.copy(tmp_path)
     before = tree(root_of(target))
-    b = Paused("patch-reading-originals", tmp_path / "gate", "patch", target, "--in-place", "-s", pristine.sel_path, "-q")
+    b = Paused(
+        "patch-reading-originals", tmp_path / "gate", "patch", target, "--in-place", "-s", pristine.sel_path, "-q"
+    )
     assert_locked_out(cli("patch", target, "--in-place", "-s", pristine.sel_path, "-q"), target)
     r = b.go()
     assert r.returncode == 0, r.stderr

@@ -21,8 +21,12 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (mem["free"], mem["total"]))
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev=None: mem["allocated"])
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev=None: mem["reserved"])
-    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda dev=None: mem["fraction"], raising=False)  # torch >= 2.6
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev=None: SimpleNamespace(total_memory=mem["total"]))
+    monkeypatch.setattr(
+        torch.cuda, "get_per_process_memory_fraction", lambda dev=None: mem["fraction"], raising=False
+    )  # torch >= 2.6
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda dev=None: SimpleNamespace(total_memory=mem["total"])
+    )
     return mem
 
 
@@ -43,7 +47,11 @@ def on_cuda(tiny_model):
     cuda = torch.device("cuda")
     loaded = load_model(path, "cpu", "bfloat16")
     sk = build_skeleton(path, open_checkpoint(path), load_tokenizer(path), torch.device("cpu"), torch.bfloat16)
-    return path, LoadedModel(path, loaded.model, loaded.tokenizer, cuda, torch.bfloat16), dataclasses.replace(sk, device=cuda)
+    return (
+        path,
+        LoadedModel(path, loaded.model, loaded.tokenizer, cuda, torch.bfloat16),
+        dataclasses.replace(sk, device=cuda),
+    )
 
 
 def check_plan(plan, longest: int) -> None:

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from spinctl.scoring import distributed
-from spinctl.io.formats import read_scores
 from test_run import YAML as RUN_YAML  # the same tiny pipeline as the single-process test
 from test_score import pairs, write_csv
+
+from spinctl.io.formats import read_scores
+from spinctl.scoring import distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 KEEP = 1e-2
@@ -25,6 +25,7 @@ TIMEOUT_S = "60"  # a protocol bug fails the test in a minute instead of hanging
 
 
 # ---- sharding -------------------------------------------------------------------------------
+
 
 def test_shard_plan_balances_tokens():
     rng = np.random.default_rng(0)
@@ -54,8 +55,10 @@ def test_shard_samples_partitions_in_order():
 def test_buckets_are_bounded():
     import torch
 
-    tensors = {f"t{i:02d}": torch.zeros(n, dtype=torch.float32 if i % 3 else torch.float64)
-               for i, n in enumerate([10, 300, 5, 2000, 64, 64, 64, 1, 900, 0, 256, 3000])}
+    tensors = {
+        f"t{i:02d}": torch.zeros(n, dtype=torch.float32 if i % 3 else torch.float64)
+        for i, n in enumerate([10, 300, 5, 2000, 64, 64, 64, 1, 900, 0, 256, 3000])
+    }
     plan = distributed._buckets(tensors, bucket_bytes=2048)
     assert sorted(n for group in plan for n in group) == sorted(tensors)
     for group in plan:
@@ -86,6 +89,7 @@ def test_import_is_light():
 
 # ---- two gloo ranks in processes of our own ----------------------------------------------------
 
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -95,8 +99,14 @@ def _free_port() -> int:
 def _worker(rank: int, world: int, port: int, scenario: str, out: str) -> None:
     """Spawn target: joins as `rank` through the same env:// variables torchrun sets, runs a
     scenario, writes what happened to out/rank.json (the test reads that, not exit codes)."""
-    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    os.environ.update(
+        WORLD_SIZE=str(world),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
     os.environ[distributed.TIMEOUT_ENV] = TIMEOUT_S
     result: dict = {}
     try:
@@ -113,8 +123,13 @@ def _tensors(rank: int) -> dict:
     import torch
 
     g = torch.Generator().manual_seed(rank)
-    return {"big": torch.rand(3000, generator=g), "b": torch.rand(7, 5, generator=g), "a": torch.rand(100, generator=g),
-            "c": torch.rand(40, generator=g, dtype=torch.float64), "empty": torch.zeros(0)}
+    return {
+        "big": torch.rand(3000, generator=g),
+        "b": torch.rand(7, 5, generator=g),
+        "a": torch.rand(100, generator=g),
+        "c": torch.rand(40, generator=g, dtype=torch.float64),
+        "empty": torch.zeros(0),
+    }
 
 
 def _scenario_reduce(rank, world, result):
@@ -195,6 +210,7 @@ def test_ranks_that_disagree_fail_alike(tmp_path):
 
 # ---- torchrun -m spinctl on two CPU ranks -------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def calib(tmp_path_factory) -> Path:
     return write_csv(tmp_path_factory.mktemp("data") / "calib.csv", pairs())
@@ -202,16 +218,30 @@ def calib(tmp_path_factory) -> Path:
 
 def _env() -> dict:
     # The tree under test first; one thread per rank (2 ranks share this machine's cores).
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-            "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: TIMEOUT_S}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "OMP_NUM_THREADS": "1",
+        distributed.TIMEOUT_ENV: TIMEOUT_S,
+    }
 
 
 def torchrun(*args, nproc: int = 2, script: Path | None = None) -> subprocess.CompletedProcess:
     entry = [str(script)] if script else ["-m", "spinctl"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *entry, *map(str, args)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        *entry,
+        *map(str, args),
+    ]
     # Its own session: a hung run is killed with its ranks, which would otherwise outlive the test.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT, start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
@@ -225,7 +255,9 @@ def assert_same_scores(a: Path, b: Path) -> None:
     """Same top-K set per tensor, and scores within 1e-5 relative (sums in another order)."""
     one, two = read_scores(a), read_scores(b)
     assert one.shapes == two.shapes and set(one.indices) == set(two.indices)
-    assert {k: v for k, v in one.meta.items() if k != "version"} == {k: v for k, v in two.meta.items() if k != "version"}
+    assert {k: v for k, v in one.meta.items() if k != "version"} == {
+        k: v for k, v in two.meta.items() if k != "version"
+    }
     for name in one.indices:
         ia, ib = np.argsort(one.indices[name]), np.argsort(two.indices[name])
         np.testing.assert_array_equal(one.indices[name][ia], two.indices[name][ib], err_msg=name)
@@ -245,15 +277,31 @@ def test_two_ranks_equal_one_process(tiny_model, calib, tmp_path, method, stream
     summary = score(ScoreConfig(model=model, data=str(calib), output=one, **opts))
     assert summary["world_size"] == 1
     two = tmp_path / "two" / "scores.safetensors"
-    flags = ["--nsamples", 12, "--keep", KEEP, "--targets", "all", "--method", method, "--device", "cpu",
-             "--batch-size", 4] + (["--stream"] if stream else [])
+    flags = [
+        "--nsamples",
+        12,
+        "--keep",
+        KEEP,
+        "--targets",
+        "all",
+        "--method",
+        method,
+        "--device",
+        "cpu",
+        "--batch-size",
+        4,
+    ] + (["--stream"] if stream else [])
     r = torchrun("score", model, calib, "-o", two, *flags, "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     assert os.listdir(two.parent) == ["scores.safetensors"]  # one file, no leftovers from rank 1
     assert_same_scores(one, two)
     (printed,) = [s for s in map(json.loads, r.stdout.splitlines()) if s["file"]]  # rank 0's summary
     same = lambda d: {k: v for k, v in d.items() if k not in VARY}  # noqa: E731
-    assert printed["world_size"] == 2 and printed["file"] == str(two) and same({k: printed[k] for k in summary}) == same(summary)
+    assert (
+        printed["world_size"] == 2
+        and printed["file"] == str(two)
+        and same({k: printed[k] for k in summary}) == same(summary)
+    )
 
 
 VARY = ("file", "world_size", "seconds", "tokens_per_s", "pass_seconds", "peak_memory_bytes", "activation_peak_bytes")
@@ -283,14 +331,20 @@ def test_failure_on_rank1_is_one_line_from_rank0(tiny_model, calib, tmp_path):
     r = torchrun("score", model, calib, "-o", out, "--nsamples", 8, "--batch-size", 4, "--device", "cpu", script=script)
     assert r.returncode == 1
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: rank 1: {model}: out of GPU memory at --batch-size 4; lower --batch-size or "
-                      f"--max-length (longest sample: {max_len(model, calib, 8)} tokens)"], r.stderr[-3000:]
+    assert errors == [
+        f"error: rank 1: {model}: out of GPU memory at --batch-size 4; lower --batch-size or "
+        f"--max-length (longest sample: {max_len(model, calib, 8)} tokens)"
+    ], r.stderr[-3000:]
     assert not out.parent.exists() or not any(out.parent.iterdir())
 
     # The same bad input on every rank: every rank fails at once, rank 0 says it as one process would.
     r = torchrun("score", model, tmp_path / "nodata.csv", "-o", out, "--device", "cpu")
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert r.returncode == 1 and len(errors) == 1 and errors[0].startswith(f"error: {tmp_path / 'nodata.csv'}: no such data file")
+    assert (
+        r.returncode == 1
+        and len(errors) == 1
+        and errors[0].startswith(f"error: {tmp_path / 'nodata.csv'}: no such data file")
+    )
 
 
 def max_len(model: Path, calib: Path, n: int) -> int:

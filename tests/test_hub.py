@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from clirun import cli
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -68,8 +67,22 @@ def test_score_and_patch_by_hub_id(cached, tiny_model, tmp_path):
     data.write_text("prompt,response\n" + "".join(f"q{i},{t}\n" for i, t in enumerate(TEXTS[:8])))
     by_id, by_dir = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     for model, out in (("org/tiny", by_id), (tiny_model(), by_dir)):
-        r = cli("score", model, data, "-o", out, "--nsamples", 4, "--keep", 0.05, "--device", "cpu", "--quiet",
-                    env=hub_env(cache), cwd=tmp_path)
+        r = cli(
+            "score",
+            model,
+            data,
+            "-o",
+            out,
+            "--nsamples",
+            4,
+            "--keep",
+            0.05,
+            "--device",
+            "cpu",
+            "--quiet",
+            env=hub_env(cache),
+            cwd=tmp_path,
+        )
         assert r.returncode == 0, r.stderr
     assert by_id.read_bytes() == by_dir.read_bytes()
     sel = ["--retain", by_id, "--couple", by_id, "--p", 0.01, "--q", 0.02]
@@ -86,7 +99,8 @@ def test_run_yaml_model_by_hub_id(cached, tmp_path):
     (tmp_path / "spin.yaml").write_text(
         "model: org/tiny@main\noutput: out\ncache_dir: cache\nretain: builtin:general\n"
         "couple: [builtin:privacy, builtin:fairness]\n"
-        "score: {nsamples: 4, keep: 0.05, device: cpu, max_length: 64}\nselect: {p: 0.01, q: 0.02}\n")
+        "score: {nsamples: 4, keep: 0.05, device: cpu, max_length: 64}\nselect: {p: 0.01, q: 0.02}\n"
+    )
     r = cli("run", "spin.yaml", "--json", env=hub_env(cache), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["verified"]

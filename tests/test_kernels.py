@@ -194,8 +194,19 @@ def test_check_ranked(seed):
 
 
 # balanced sizes take the merge, ratios >= GALLOP (4) the galloping search, either way round
-SET_SIZES = [(0, 0), (0, 50), (50, 0), (1, 1), (200, 200), (30_000, 40_000), (8_000, 40_000), (40_000, 9_000),
-             (20, 50_000), (50_000, 20), (100_000, 3)]
+SET_SIZES = [
+    (0, 0),
+    (0, 50),
+    (50, 0),
+    (1, 1),
+    (200, 200),
+    (30_000, 40_000),
+    (8_000, 40_000),
+    (40_000, 9_000),
+    (20, 50_000),
+    (50_000, 20),
+    (100_000, 3),
+]
 
 
 @pytest.mark.parametrize("seed", SEEDS)

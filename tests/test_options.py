@@ -17,7 +17,12 @@ from spinctl.runconfig import SECTIONS, load_run_config, section_checks
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 TABLES = {"score": ScoreConfig, "select": SelectConfig, "patch": PatchConfig, "eval": EvalConfig}
-COMMANDS = {"score": [ScoreConfig], "select": [SelectConfig], "patch": [PatchConfig, SelectConfig], "eval": [EvalConfig]}
+COMMANDS = {
+    "score": [ScoreConfig],
+    "select": [SelectConfig],
+    "patch": [PatchConfig, SelectConfig],
+    "eval": [EvalConfig],
+}
 BLOCK = re.compile(r"(<!-- options: (\w+) -->\n)(.*?)(<!-- /options -->)", re.S)
 
 
@@ -29,9 +34,17 @@ def readme_table(section: str) -> str:
         opt = f.metadata["opt"]
         flag = f"`{flag_name(f.name)}{' ' + opt.metavar if opt.metavar else ''}`".replace("|", "\\|")
         key = f"`{section}.{f.name}`" if opt.yaml else "–"
-        default = opt.readme_default or ("" if f.default is None else "off" if f.default is False else
-                                         f.default.value if isinstance(f.default, Enum) else _number(f.default)
-                                         if isinstance(f.default, float) else str(f.default))
+        default = opt.readme_default or (
+            ""
+            if f.default is None
+            else "off"
+            if f.default is False
+            else f.default.value
+            if isinstance(f.default, Enum)
+            else _number(f.default)
+            if isinstance(f.default, float)
+            else str(f.default)
+        )
         lines.append(f"| {flag} | {key} | {default} | {opt.help.replace('|', chr(92) + '|')} |")
     return "\n".join(lines) + "\n"
 
@@ -92,7 +105,9 @@ def test_yaml_errors_name_the_key_and_flags_name_the_flag(tmp_path):
         load_run_config(y)
     with pytest.raises(UsageError, match=r"^--spill-dir .*: applies to --stream only"):
         ScoreConfig(model="m", data="d", output="o", spill_dir=tmp_path)
-    y.write_text(YAML + "select: {mode: reference}\ncouple: [a.csv, b.csv, c.csv]\n".replace("couple: [a.csv, b.csv]\n", ""))
+    y.write_text(
+        YAML + "select: {mode: reference}\ncouple: [a.csv, b.csv, c.csv]\n".replace("couple: [a.csv, b.csv]\n", "")
+    )
     y.write_text("model: m\noutput: out\nretain: r.csv\ncouple: [a.csv, b.csv, c.csv]\nselect: {mode: reference}\n")
     with pytest.raises(InputError, match=r"select\.mode reference takes exactly two"):
         load_run_config(y)
@@ -101,8 +116,9 @@ def test_yaml_errors_name_the_key_and_flags_name_the_flag(tmp_path):
 def test_yaml_sets_every_option(tmp_path):
     (tmp_path / "m").mkdir()
     y = tmp_path / "spin.yaml"
-    y.write_text(YAML + "score: {device: cpu}\neval: {prompts: q.csv, dtype: float32, save: a.jsonl}\n"
-                 "patch: {force: true}\n")
+    y.write_text(
+        YAML + "score: {device: cpu}\neval: {prompts: q.csv, dtype: float32, save: a.jsonl}\npatch: {force: true}\n"
+    )
     cfg = load_run_config(y, ["score.trust_remote_code=true", "select.q=1e-3"])
     assert cfg.score.trust_remote_code is True and cfg.select.q == 1e-3 and cfg.patch.force is True
     assert cfg.eval.dtype == "float32" and cfg.eval.save == tmp_path / "a.jsonl"

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_score import config, data_csv  # noqa: F401 (fixture)
 
 from spinctl.io.formats import read_scores
-from test_score import config, data_csv  # noqa: F401 (fixture)
 
 
 @pytest.fixture(scope="module")

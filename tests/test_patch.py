@@ -8,16 +8,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from clirun import cli
 from fakes import fake_scores
+from safetensors.torch import load_file
+
 from spinctl.io.formats import read_selection
 from spinctl.patch import PatchConfig, patch
 from spinctl.selection import SelectConfig, select_to_file
 from spinctl.verify import revert, verify
 
-CASES = [("llama", "bfloat16", "40KB"), ("llama", "float32", None), ("qwen2", "float32", "100KB"), ("qwen2", "bfloat16", None)]
+CASES = [
+    ("llama", "bfloat16", "40KB"),
+    ("llama", "float32", None),
+    ("qwen2", "float32", "100KB"),
+    ("qwen2", "bfloat16", None),
+]
 
 
 def make_selection(model: Path, tmp: Path, p=0.02, q=0.04, mode="paper") -> Path:
@@ -47,8 +52,11 @@ def check_patched(src: Path, dst: Path, sel_path: Path) -> None:
         assert (fb[idx] == 0).all(), name
         fa[idx] = 0
         assert torch.equal(fa, fb), name
-    changed = {f.name for f in (src.glob("*.safetensors") if src.is_dir() else [src])
-               if any(n in sel.indices and len(sel.indices[n]) for n in load_file(f))}
+    changed = {
+        f.name
+        for f in (src.glob("*.safetensors") if src.is_dir() else [src])
+        if any(n in sel.indices and len(sel.indices[n]) for n in load_file(f))
+    }
     if src.is_dir():
         for f in src.iterdir():
             if f.name not in changed:
@@ -146,8 +154,24 @@ def test_patch_from_score_files_equals_selection(tiny_model, tmp_path):
     sel = make_selection(src, tmp_path, mode="reference")
     a, b = tmp_path / "a", tmp_path / "b"
     cli("patch", src, a, "--selection", sel, check=True)
-    cli("patch", src, b, "--retain", tmp_path / "scores0.safetensors", "--couple", tmp_path / "scores1.safetensors",
-        "--couple", tmp_path / "scores2.safetensors", "--p", "0.02", "--q", "0.04", "--mode", "reference", check=True)
+    cli(
+        "patch",
+        src,
+        b,
+        "--retain",
+        tmp_path / "scores0.safetensors",
+        "--couple",
+        tmp_path / "scores1.safetensors",
+        "--couple",
+        tmp_path / "scores2.safetensors",
+        "--p",
+        "0.02",
+        "--q",
+        "0.04",
+        "--mode",
+        "reference",
+        check=True,
+    )
     for f in a.glob("*.safetensors"):
         assert filecmp.cmp(f, b / f.name, shallow=False)
 
@@ -168,10 +192,14 @@ def test_verify_detects_tampering(tiny_model, tmp_path):
 def test_deterministic_outputs(tiny_model, tmp_path):
     src = tiny_model("llama", "bfloat16", "40KB")
     sel = make_selection(src, tmp_path)
-    select_to_file(SelectConfig(tmp_path / "scores0.safetensors", (tmp_path / "scores1.safetensors",), 0.02, 0.04),
-                   tmp_path / "sel2.safetensors")
-    select_to_file(SelectConfig(tmp_path / "scores0.safetensors", (tmp_path / "scores1.safetensors",), 0.02, 0.04),
-                   tmp_path / "sel3.safetensors")
+    select_to_file(
+        SelectConfig(tmp_path / "scores0.safetensors", (tmp_path / "scores1.safetensors",), 0.02, 0.04),
+        tmp_path / "sel2.safetensors",
+    )
+    select_to_file(
+        SelectConfig(tmp_path / "scores0.safetensors", (tmp_path / "scores1.safetensors",), 0.02, 0.04),
+        tmp_path / "sel3.safetensors",
+    )
     assert filecmp.cmp(tmp_path / "sel2.safetensors", tmp_path / "sel3.safetensors", shallow=False)
     patch(PatchConfig(src, tmp_path / "o1"), read_selection(sel))
     patch(PatchConfig(src, tmp_path / "o2"), read_selection(sel))
@@ -201,9 +229,17 @@ def test_in_place_refuses_hard_links(tiny_model, tmp_path):
     src = tiny_model("llama", "bfloat16", "40KB")
     m, out = Path(shutil.copytree(src, tmp_path / "m")), tmp_path / "out"
     cli("patch", m, out, "--selection", make_selection(src, tmp_path), "--link", "-q", check=True)
-    cli("revert", out, "--in-place", "-q", check=True)  # out is the original again, its untouched shards still m's inodes
+    cli(
+        "revert", out, "--in-place", "-q", check=True
+    )  # out is the original again, its untouched shards still m's inodes
     asel = attn_selection(src, tmp_path)
-    touched = {f for f, e in json.loads(cli("patch", m, "--in-place", "-s", asel, "--dry-run", "--json", check=True).stdout)["files"].items() if e["changed"]}
+    touched = {
+        f
+        for f, e in json.loads(cli("patch", m, "--in-place", "-s", asel, "--dry-run", "--json", check=True).stdout)[
+            "files"
+        ].items()
+        if e["changed"]
+    }
     assert any(os.stat(out / f).st_nlink > 1 for f in touched)
     before_m, before_out = snapshot(m), snapshot(out)
     for target in (out, m):
@@ -273,8 +309,8 @@ def test_disk_full_names_the_output(tiny_model, tmp_path, monkeypatch):
     """issue 11 item 14: ENOSPC while writing OUT names OUT (not a temporary that is gone), and leaves nothing."""
     import errno
 
-    from spinctl.io import edits
     from spinctl.errors import OutputError
+    from spinctl.io import edits
     from spinctl.io.formats import write_selection
 
     src = tiny_model("llama", "float32")

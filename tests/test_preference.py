@@ -9,12 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from clirun import cli
 from pairdata import PROMPTS, SAFE, UNSAFE, score_file, write_csv
+
 from spinctl.errors import SpinctlError
 from spinctl.evaluation.heldout import heldout_rows, read_calibrated
 from spinctl.evaluation.preference import PreferenceConfig, load_pairs, preference_stats, run_preference
+
 
 @pytest.fixture
 def pair_files(tmp_path):
@@ -25,6 +26,7 @@ def pair_files(tmp_path):
 
 
 # ---------------------------------------------------------------- NLL against the slow reference
+
 
 def reference_nll(model_dir: Path, prompts, responses) -> list[float]:
     """One sample at a time, plain torch + HF's own loss: labels -100 on the chat-template prompt."""
@@ -42,7 +44,7 @@ def reference_nll(model_dir: Path, prompts, responses) -> list[float]:
         r_ids = tok(r, add_special_tokens=False)["input_ids"]
         ids = torch.tensor([p_ids + r_ids])
         labels = ids.clone()
-        labels[0, :len(p_ids)] = -100
+        labels[0, : len(p_ids)] = -100
         with torch.no_grad():
             out.append(float(model(input_ids=ids, labels=labels).loss))
     return out
@@ -69,11 +71,11 @@ def test_response_nll_matches_one_sample_reference(tiny_model, arch):
 
 def test_response_nll_template_added_when_missing(tmp_path):
     """A model saved without a chat template: give it one (as a user would) and the reference still agrees."""
+    from conftest import TEXTS
+
+    from spinctl.demo.tiny_models import CHAT_TEMPLATE, build_tiny_model
     from spinctl.evaluation.evaluate import load_causal_lm
     from spinctl.evaluation.nll import response_nll
-    from spinctl.demo.tiny_models import CHAT_TEMPLATE, build_tiny_model
-
-    from conftest import TEXTS
 
     model_dir = build_tiny_model(tmp_path / "m", TEXTS, layers=1, hidden=32)
     cfg = json.loads((model_dir / "tokenizer_config.json").read_text())
@@ -86,8 +88,9 @@ def test_response_nll_template_added_when_missing(tmp_path):
         response_nll(model, tok, PROMPTS[:2], SAFE[:2])
     (model_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     model, tok = load_causal_lm(model_dir, "cpu", "float32")
-    np.testing.assert_allclose(response_nll(model, tok, PROMPTS, SAFE, batch_size=4).mean,
-                               reference_nll(model_dir, PROMPTS, SAFE), rtol=2e-5)
+    np.testing.assert_allclose(
+        response_nll(model, tok, PROMPTS, SAFE, batch_size=4).mean, reference_nll(model_dir, PROMPTS, SAFE), rtol=2e-5
+    )
 
 
 def test_empty_response_is_an_error(tiny_model):
@@ -100,6 +103,7 @@ def test_empty_response_is_an_error(tiny_model):
 
 
 # ---------------------------------------------------------------- statistics (pure)
+
 
 def test_preference_stats_against_loops():
     rng = np.random.default_rng(5)
@@ -118,10 +122,13 @@ def test_preference_stats_against_loops():
     # A slow reference of the same draws: row b of the draw matrix is resample b.
     draws = np.random.default_rng(0).integers(0, 60, size=(2000, 60))
     boots = sorted(sum(correct[i] for i in row) / 60 for row in draws)
-    assert st["ci_low"] == pytest.approx(np.percentile(boots, 2.5)) and st["ci_high"] == pytest.approx(np.percentile(boots, 97.5))
+    assert st["ci_low"] == pytest.approx(np.percentile(boots, 2.5)) and st["ci_high"] == pytest.approx(
+        np.percentile(boots, 97.5)
+    )
 
 
 # ---------------------------------------------------------------- pairing and exclusions
+
 
 def test_pairs_first_rows_identical_dropped(pair_files):
     ps = load_pairs(*pair_files)
@@ -147,7 +154,10 @@ def test_exclude_drops_calibration_prompts(pair_files, tiny_model, tmp_path):
     assert ps.excluded == len((set(PROMPTS) - {PROMPTS[3]}) & dropped)
     # A score file from another data file drops nothing.
     other = write_csv(tmp_path / "other.csv", [("x", "y")] * 10)
-    assert load_pairs(safe, unsafe, [read_calibrated(score_file(tiny_model(), tmp_path / "o.safetensors", other, 4))]).n == 7
+    assert (
+        load_pairs(safe, unsafe, [read_calibrated(score_file(tiny_model(), tmp_path / "o.safetensors", other, 4))]).n
+        == 7
+    )
     # Held-out rows of a file: every row not picked.
     from spinctl.scoring.data import read_rows
 
@@ -169,8 +179,13 @@ def test_bad_pairs_are_one_line_errors(case, pair_files, tiny_model, tmp_path):
     else:
         other = write_csv(tmp_path / "other.csv", [("x", "y")] * 10)
         exclude = (score_file(tiny_model(), tmp_path / "o.safetensors", other, nsamples=4),)
-    expect = {"missing_column": "no column 'prompt'", "no_shared": "share no prompt", "same_file": "same data twice",
-              "all_excluded": "used for calibration", "exclude_other": "would drop nothing"}[case]
+    expect = {
+        "missing_column": "no column 'prompt'",
+        "no_shared": "share no prompt",
+        "same_file": "same data twice",
+        "all_excluded": "used for calibration",
+        "exclude_other": "would drop nothing",
+    }[case]
     with pytest.raises(SpinctlError, match=expect):
         run_preference(PreferenceConfig(tiny_model(), ((safe, unsafe),), exclude, device="cpu"))
     r = cli("eval", tiny_model(), "--pairs", safe, unsafe, *[a for e in exclude for a in ("--exclude", e)])
@@ -183,8 +198,23 @@ def test_eval_pairs_cli(pair_files, tiny_model, tmp_path):
     other_safe = write_csv(tmp_path / "b_safe.csv", list(zip(PROMPTS[:5], SAFE[:5])))
     other_unsafe = write_csv(tmp_path / "b_unsafe.csv", list(zip(PROMPTS[:5], UNSAFE[:5])))
     sf = score_file(model, tmp_path / "s.safetensors", safe, nsamples=3)
-    r = cli("eval", model, "--pairs", safe, unsafe, "--pairs", other_safe, other_unsafe, "--exclude", sf,
-            "--batch-size", "3", "--device", "cpu", "--json")
+    r = cli(
+        "eval",
+        model,
+        "--pairs",
+        safe,
+        unsafe,
+        "--pairs",
+        other_safe,
+        other_unsafe,
+        "--exclude",
+        sf,
+        "--batch-size",
+        "3",
+        "--device",
+        "cpu",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("\n") == 1
     out = json.loads(r.stdout)
@@ -195,8 +225,9 @@ def test_eval_pairs_cli(pair_files, tiny_model, tmp_path):
     for s in (a, b):
         assert 0 <= s["ci_low"] <= s["accuracy"] <= s["ci_high"] <= 1 and math.isfinite(s["margin"])
     # The library gives the same numbers (same batching), and so does a second run.
-    lib = run_preference(PreferenceConfig(model, ((safe, unsafe), (other_safe, other_unsafe)), (sf,), batch_size=3,
-                                          device="cpu"))
+    lib = run_preference(
+        PreferenceConfig(model, ((safe, unsafe), (other_safe, other_unsafe)), (sf,), batch_size=3, device="cpu")
+    )
     for x, y in zip(lib["pair_sets"], out["pair_sets"]):
         assert {k: v for k, v in x.items() if k != "seconds"} == {k: v for k, v in y.items() if k != "seconds"}
     r = cli("eval", model, "--pairs", safe, unsafe, "--device", "cpu")  # human table

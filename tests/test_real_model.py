@@ -9,9 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-
 import score_reference as ref
+import torch
 from clirun import cli
 
 NAME = "smollm2-135m-instruct"
@@ -72,16 +71,25 @@ def test_snip_scores_match_float64_reference(smollm2, tmp_path):
     """Four built-in samples, three MLP tensors: spinctl (fp32, batched) against one-sample-at-a-time float64."""
     from transformers import AutoTokenizer
 
-    from spinctl.scoring.data import read_rows, select_rows
-    from spinctl.io.formats import read_scores
-    from spinctl.io.formats import keep_count
     from spinctl.config import ScoreConfig
+    from spinctl.io.formats import keep_count, read_scores
+    from spinctl.scoring.data import read_rows, select_rows
     from spinctl.scoring.engine import score
 
     targets, keep, n = r"re:layers\.(0|14|29)\.mlp\.", 1e-3, 4
     out = tmp_path / "s.safetensors"
-    score(ScoreConfig(model=smollm2, data="builtin:privacy", output=out, nsamples=n, keep=keep, targets=targets,
-                      device="cpu", dtype="float32"))
+    score(
+        ScoreConfig(
+            model=smollm2,
+            data="builtin:privacy",
+            output=out,
+            nsamples=n,
+            keep=keep,
+            targets=targets,
+            device="cpu",
+            dtype="float32",
+        )
+    )
     rows = read_rows("builtin:privacy")
     tok = AutoTokenizer.from_pretrained(smollm2)
     samples = [ref.encode(tok, rows.prompts[i], rows.responses[i], 2048) for i in select_rows(rows.count, n, 0)]
@@ -100,10 +108,12 @@ def test_snip_scores_match_float64_reference(smollm2, tmp_path):
 def test_pipeline_on_the_real_model(smollm2, tmp_path):
     """spin.yaml end to end: score three sets (a few samples), select, patch, verify."""
     yaml = tmp_path / "spin.yaml"
-    yaml.write_text(f"model: {smollm2}\noutput: patched\ncache_dir: cache\nretain: builtin:general\n"
-                    "couple: [builtin:privacy, builtin:fairness]\n"
-                    "score: {nsamples: 2, keep: 0.01, targets: mlp, max_length: 128, device: cpu, dtype: float32}\n"
-                    "select: {p: 0.005, q: 0.005, mode: paper}\n")
+    yaml.write_text(
+        f"model: {smollm2}\noutput: patched\ncache_dir: cache\nretain: builtin:general\n"
+        "couple: [builtin:privacy, builtin:fairness]\n"
+        "score: {nsamples: 2, keep: 0.01, targets: mlp, max_length: 128, device: cpu, dtype: float32}\n"
+        "select: {p: 0.005, q: 0.005, mode: paper}\n"
+    )
     done = cli("run", yaml, "--json", timeout=900)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)

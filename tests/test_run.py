@@ -4,8 +4,8 @@ import json
 import subprocess
 
 import pytest
-
 from clirun import cli
+
 from spinctl.errors import InputError
 from spinctl.runconfig import load_run_config
 
@@ -68,13 +68,16 @@ def test_existing_output_fails_before_scoring(workdir):
     assert r.returncode == 1 and "not empty" in r.stderr and not (workdir / "cache").exists()
 
 
-@pytest.mark.parametrize("text,word", [
-    (YAML.replace("select:", "selct:"), "'selct'"),
-    (YAML.replace("nsamples", "nsample"), "'nsample'"),
-    (YAML.replace("retain: builtin:general\n", ""), "'retain'"),
-    (YAML.replace("couple: [builtin:privacy, builtin:fairness]", "couple: builtin:privacy"), "couple"),
-    ("model: [unclosed", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "text,word",
+    [
+        (YAML.replace("select:", "selct:"), "'selct'"),
+        (YAML.replace("nsamples", "nsample"), "'nsample'"),
+        (YAML.replace("retain: builtin:general\n", ""), "'retain'"),
+        (YAML.replace("couple: [builtin:privacy, builtin:fairness]", "couple: builtin:privacy"), "couple"),
+        ("model: [unclosed", "not valid YAML"),
+    ],
+)
 def test_bad_config_names_the_key(tmp_path, text, word):
     (tmp_path / "spin.yaml").write_text(text.format(output="o") if "{output}" in text else text)
     r = cli("run", tmp_path / "spin.yaml")
@@ -98,34 +101,37 @@ def test_paths_relative_to_yaml_and_overrides(tmp_path):
 BASE = "model: m\noutput: o\nretain: r.csv\ncouple: [c.csv]\n"
 
 
-@pytest.mark.parametrize("extra,key", [
-    ("select: {p: abc}", "select.p"),
-    ("select: {q: 2}", "select.q"),
-    ("select: {p: .nan}", "select.p"),
-    ("select: {mode: bogus}", "select.mode"),
-    ("score: {device: 5}", "score.device"),
-    ("score: {device: tpu}", "score.device"),
-    ("score: {targets: 5}", "score.targets"),
-    ("score: {targets: 're:('}", "score.targets"),
-    ("score: {nsamples: 0}", "score.nsamples"),
-    ("score: {nsamples: true}", "score.nsamples"),
-    ("score: {nsamples: 1.5}", "score.nsamples"),
-    ("score: {keep: 0}", "score.keep"),
-    ("score: {batch_size: big}", "score.batch_size"),
-    ("score: {method: bogus}", "score.method"),
-    ("score: {dtype: int8}", "score.dtype"),
-    ("score: {stream: 'yes please'}", "score.stream"),
-    ("score: {prompt_column: [a]}", "score.prompt_column"),
-    ("eval: {prompts: p.csv, limit: abc}", "eval.limit"),
-    ("eval: {prompts: p.csv, limit: 0}", "eval.limit"),
-    ("eval: {prompts: p.csv, judge: gpt}", "eval.judge"),
-    ("eval: {prompts: [p.csv, 5]}", "eval.prompts"),
-    ("eval: {prompts: p.csv, max_new_tokens: -1}", "eval.max_new_tokens"),
-    ("patch: {in_place: 'false'}", "patch.in_place"),
-    ("patch: {link: 1}", "patch.link"),
-    ("model: [a, b]", "model"),
-    ("cache_dir: 5", "cache_dir"),
-])
+@pytest.mark.parametrize(
+    "extra,key",
+    [
+        ("select: {p: abc}", "select.p"),
+        ("select: {q: 2}", "select.q"),
+        ("select: {p: .nan}", "select.p"),
+        ("select: {mode: bogus}", "select.mode"),
+        ("score: {device: 5}", "score.device"),
+        ("score: {device: tpu}", "score.device"),
+        ("score: {targets: 5}", "score.targets"),
+        ("score: {targets: 're:('}", "score.targets"),
+        ("score: {nsamples: 0}", "score.nsamples"),
+        ("score: {nsamples: true}", "score.nsamples"),
+        ("score: {nsamples: 1.5}", "score.nsamples"),
+        ("score: {keep: 0}", "score.keep"),
+        ("score: {batch_size: big}", "score.batch_size"),
+        ("score: {method: bogus}", "score.method"),
+        ("score: {dtype: int8}", "score.dtype"),
+        ("score: {stream: 'yes please'}", "score.stream"),
+        ("score: {prompt_column: [a]}", "score.prompt_column"),
+        ("eval: {prompts: p.csv, limit: abc}", "eval.limit"),
+        ("eval: {prompts: p.csv, limit: 0}", "eval.limit"),
+        ("eval: {prompts: p.csv, judge: gpt}", "eval.judge"),
+        ("eval: {prompts: [p.csv, 5]}", "eval.prompts"),
+        ("eval: {prompts: p.csv, max_new_tokens: -1}", "eval.max_new_tokens"),
+        ("patch: {in_place: 'false'}", "patch.in_place"),
+        ("patch: {link: 1}", "patch.link"),
+        ("model: [a, b]", "model"),
+        ("cache_dir: 5", "cache_dir"),
+    ],
+)
 def test_bad_value_names_the_key(tmp_path, extra, key):
     body = BASE if extra.startswith("model:") is False else BASE.replace("model: m\n", "")
     (tmp_path / "spin.yaml").write_text(body + extra + "\n")
@@ -149,9 +155,11 @@ def test_override_values_are_checked_too(tmp_path):
 
 def test_good_values_are_normalised(tmp_path):
     # PyYAML reads 5e-7 (no dot) as a string: it is the documented default and must keep working.
-    (tmp_path / "spin.yaml").write_text(BASE.replace("[c.csv]", "[a.csv, b.csv]") + "select: {p: 5e-7, q: 1e-6, mode: reference}\n"
-                                        "score: {keep: 1e-4, batch_size: auto, device: 'cuda:1', stream: true}\n"
-                                        "eval: {prompts: p.csv, limit: null}\n")
+    (tmp_path / "spin.yaml").write_text(
+        BASE.replace("[c.csv]", "[a.csv, b.csv]") + "select: {p: 5e-7, q: 1e-6, mode: reference}\n"
+        "score: {keep: 1e-4, batch_size: auto, device: 'cuda:1', stream: true}\n"
+        "eval: {prompts: p.csv, limit: null}\n"
+    )
     cfg = load_run_config(tmp_path / "spin.yaml")
     assert (cfg.select.p, cfg.select.q, cfg.select.mode.value) == (5e-7, 1e-6, "reference")
     assert cfg.score.keep == 1e-4 and cfg.score.batch_size is None and cfg.score.device == "cuda:1"
@@ -159,8 +167,11 @@ def test_good_values_are_normalised(tmp_path):
 
 # Nine anchors under nine valid keys, each nine aliases of the one before: 9^9 strings from ~600 bytes.
 BOMB_KEYS = ("method", "nsamples", "seed", "keep", "targets", "max_length", "batch_size", "device", "dtype")
-BOMB = "score:\n  method: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"  {k}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for k, p, n in zip(BOMB_KEYS[1:], "abcdefgh", "bcdefghi")) + "model: *i\n"
+BOMB = (
+    "score:\n  method: &a [x, x, x, x, x, x, x, x, x]\n"
+    + "".join(f"  {k}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for k, p, n in zip(BOMB_KEYS[1:], "abcdefgh", "bcdefghi"))
+    + "model: *i\n"
+)
 
 
 def test_alias_bomb_refused_fast(tmp_path):

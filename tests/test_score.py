@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import score_reference as ref
-from pairdata import sha, write_csv
 from conftest import TEXTS
+from pairdata import sha, write_csv
+
 from spinctl.errors import InputError, SpinctlError, UnsupportedError
 from spinctl.io.formats import keep_count, read_scores
 
@@ -207,7 +207,7 @@ def test_row_selection_and_tokenization(tiny_model, data_csv):
         assert list(s.ids) == tok(p)["input_ids"] + tok(r, add_special_tokens=False)["input_ids"]
         assert s.n_prompt == len(tok(p)["input_ids"]) and s.ids[0] == tok.bos_token_id
     n_cut = 7
-    (ids, n), = tokenize(tok, [rows[0][0]], [rows[0][1]], max_length=n_cut)
+    ((ids, n),) = tokenize(tok, [rows[0][0]], [rows[0][1]], max_length=n_cut)
     full, _ = ref.encode(tok, rows[0][0], rows[0][1], 2048)
     assert ids == full[:n_cut] and n == min(len(tok(rows[0][0])["input_ids"]), n_cut)  # the end is cut
 
@@ -224,7 +224,13 @@ def test_truncation_skips_samples_without_response(tiny_model, tmp_path):
     assert summary["skipped"] == 3 and summary["samples"] == 5
     assert read_scores(tmp_path / "s.safetensors").meta["skipped"] == 3
     with pytest.raises(InputError, match="e.csv: all 3 selected samples have no response tokens"):
-        run(model, write_csv(tmp_path / "e.csv", rows[:3]), tmp_path / "t.safetensors", nsamples=3, max_length=long_prompt)
+        run(
+            model,
+            write_csv(tmp_path / "e.csv", rows[:3]),
+            tmp_path / "t.safetensors",
+            nsamples=3,
+            max_length=long_prompt,
+        )
 
 
 def test_chat_template(tiny_model, data_csv, tmp_path):
@@ -234,7 +240,7 @@ def test_chat_template(tiny_model, data_csv, tmp_path):
 
     model = tiny_model()
     tok = AutoTokenizer.from_pretrained(model)
-    (ids, n), = tokenize(tok, ["where is it?"], [" here"], 2048, chat_template=True)
+    ((ids, n),) = tokenize(tok, ["where is it?"], [" here"], 2048, chat_template=True)
     prompt = tok("<s>user: where is it?\nassistant: ", add_special_tokens=False)["input_ids"]
     assert ids == prompt + tok(" here", add_special_tokens=False)["input_ids"] and n == len(prompt)
     run(model, data_csv, tmp_path / "c.safetensors", method="wanda", chat_template=True)
@@ -258,11 +264,15 @@ def test_jsonl_and_builtin(tiny_model, tmp_path):
     summary = run(tiny_model(), path, out, method="wanda", prompt_column="q", response_column="a")
     # The same rows as a prompt/response CSV draw the same samples: the same scores, and the same
     # metadata but for the data file's hash. Any other column read as prompt or response differs.
-    csv_summary = run(tiny_model(), write_csv(tmp_path / "d.csv", pairs(12)), tmp_path / "c.safetensors", method="wanda")
+    csv_summary = run(
+        tiny_model(), write_csv(tmp_path / "d.csv", pairs(12)), tmp_path / "c.safetensors", method="wanda"
+    )
     assert summary["samples"] == csv_summary["samples"] == 8 and summary["tokens"] == csv_summary["tokens"]
     got, want = read_scores(out), read_scores(tmp_path / "c.safetensors")
     assert got.meta["dataset_rows"] == 12 and got.meta["dataset_sha256"] == sha(path)
-    assert {k: v for k, v in got.meta.items() if k != "dataset_sha256"} == {k: v for k, v in want.meta.items() if k != "dataset_sha256"}
+    assert {k: v for k, v in got.meta.items() if k != "dataset_sha256"} == {
+        k: v for k, v in want.meta.items() if k != "dataset_sha256"
+    }
     assert set(got.indices) == set(want.indices) and got.indices
     for name in want.indices:
         np.testing.assert_array_equal(got.indices[name], want.indices[name], err_msg=name)
@@ -277,9 +287,15 @@ def test_bad_inputs(tiny_model, data_csv, tmp_path):
     cases = [
         (lambda: run(tmp_path / "nomodel", data_csv, out), "nomodel"),
         (lambda: run(model, tmp_path / "nodata.csv", out), "nodata.csv"),
-        (lambda: run(model, write_csv(tmp_path / "cols.csv", pairs(4), ("question", "answer")), out), r"cols.csv.*'prompt'.*'question', 'answer'"),
+        (
+            lambda: run(model, write_csv(tmp_path / "cols.csv", pairs(4), ("question", "answer")), out),
+            r"cols.csv.*'prompt'.*'question', 'answer'",
+        ),
         (lambda: run(model, write_csv(tmp_path / "empty.csv", []), out), "empty.csv: has no data rows"),
-        (lambda: run(model, (tmp_path / "zero.csv").write_bytes(b"") or tmp_path / "zero.csv", out), "zero.csv: has no data rows"),
+        (
+            lambda: run(model, (tmp_path / "zero.csv").write_bytes(b"") or tmp_path / "zero.csv", out),
+            "zero.csv: has no data rows",
+        ),
         (lambda: run(model, data_csv, out, nsamples=41), "calib.csv: has 40 rows"),
         (lambda: run(model, data_csv, out, targets="re:(("), "invalid regular expression"),
         (lambda: run(model, data_csv, out, targets="re:no_such_layer"), "matches no Linear weight.*model"),
@@ -347,11 +363,26 @@ FAIRNESS = ROOT.parent / "shared" / "data" / "beaver_train330k_fairness_safe_1k.
 def test_benchmark_device_path_runs_tiny(tmp_path):
     """The --shape llama2-7b code path (build on the device, in-process scoring, reference on 8
     samples), at toy size on whatever device is here: the GPU run gets one shot."""
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_score.py"), "--shape", "tiny", "--rows", "16", "--workdir", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "bench_score.py"),
+        "--shape",
+        "tiny",
+        "--rows",
+        "16",
+        "--workdir",
+        str(tmp_path),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = [json.loads(line) for line in res.stdout.splitlines()]
-    assert [line["what"] for line in lines] == ["build", "spinctl_snip_8", "spinctl_snip", "spinctl_wanda", "reference_loop_8"]
+    assert [line["what"] for line in lines] == [
+        "build",
+        "spinctl_snip_8",
+        "spinctl_snip",
+        "spinctl_wanda",
+        "reference_loop_8",
+    ]
     snip = lines[2]
     assert snip["summary"]["samples"] == 16
     # fraction_of_peak = 6 · tokens · scored weights / pass seconds / the H200's 790 dense bf16

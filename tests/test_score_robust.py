@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_score import config, data_csv  # noqa: F401 (fixture)
 
 from spinctl.errors import UsageError
 from spinctl.io.formats import read_scores
-from test_score import config, data_csv  # noqa: F401 (fixture)
 
 
 def _same_scores(a, b, rtol=1e-5):
@@ -55,8 +55,16 @@ def test_torchrun_refuses_a_fixed_gpu(monkeypatch, tmp_path, device):
 def test_torchrun_fixed_gpu_cli_exit_2(tmp_path):
     from clirun import cli
 
-    r = cli("score", tmp_path, "builtin:general", "-o", tmp_path / "s.safetensors", "--device", "cuda:1",
-            env={"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"})
+    r = cli(
+        "score",
+        tmp_path,
+        "builtin:general",
+        "-o",
+        tmp_path / "s.safetensors",
+        "--device",
+        "cuda:1",
+        env={"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"},
+    )
     assert r.returncode == 2 and "torchrun" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
@@ -147,8 +155,8 @@ def test_activation_estimate_rounds_pinned_to_powers_of_two():
 
 
 def test_stream_refuses_activations_past_half_the_ram(monkeypatch, tiny_model, data_csv, tmp_path):  # noqa: F811
-    from spinctl.scoring import layerwise_store
     from spinctl.errors import SpinctlError
+    from spinctl.scoring import layerwise_store
     from spinctl.scoring.engine import score
 
     model = tiny_model("llama", "float32")

@@ -4,8 +4,8 @@ import math
 
 import numpy as np
 import pytest
-
 from fakes import dense_scores, write_dense
+
 from spinctl.errors import SpinctlError
 from spinctl.io.formats import read_scores
 from spinctl.selection import Mode, SelectConfig, run_select, select

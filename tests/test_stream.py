@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from clirun import cli
+from test_score import config, data_csv, run  # noqa: F401 (data_csv is a fixture)
+
 from spinctl.errors import SpinctlError, UnsupportedError
 from spinctl.io.formats import read_scores
-from test_score import config, data_csv, run  # noqa: F401 (data_csv is a fixture)
 
 SHARD = "100KB"  # a 3-layer hidden-64 model in 8 shards: layers straddle shard boundaries
 ARCH = {"layers": 3}
@@ -85,8 +85,10 @@ def test_one_layer_at_a_time_and_progress(tiny_model, data_csv, tmp_path, monkey
     seen = []
     from spinctl.scoring.engine import score
 
-    score(config(model, data_csv, tmp_path / "s.safetensors", stream=True, targets="re:layers\\.1\\."),
-          progress=lambda n, total: seen.append((n, total)))
+    score(
+        config(model, data_csv, tmp_path / "s.safetensors", stream=True, targets="re:layers\\.1\\."),
+        progress=lambda n, total: seen.append((n, total)),
+    )
     assert max(most) == 1
     total = seen[0][1]
     # 8 samples x (embeddings + 3 layers forward + head + layers 2..1 backward); none below the lowest scored layer
@@ -130,7 +132,11 @@ def test_bad_spill_dir(tiny_model, data_csv, tmp_path, monkeypatch):
         real = os.access
         monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != locked and real(p, mode))
     try:
-        for bad, pattern in [(afile, "not a directory"), (tmp_path / "nope", "no such directory"), (locked, "not writable")]:
+        for bad, pattern in [
+            (afile, "not a directory"),
+            (tmp_path / "nope", "no such directory"),
+            (locked, "not writable"),
+        ]:
             with pytest.raises(SpinctlError, match=f"--spill-dir {bad}: {pattern}"):
                 ScoreConfig(model=model, data=str(data_csv), output=out, stream=True, spill_dir=bad)
         with pytest.raises(SpinctlError, match="applies to --stream only"):
@@ -171,8 +177,27 @@ def test_cli_stream_flags(tiny_model, data_csv, tmp_path):
     spill = tmp_path / "spill"
     spill.mkdir()
     out = tmp_path / "cli.safetensors"
-    cmd = ["score", model, data_csv, "-o", out, "--nsamples", "8", "--keep", "0.01",
-           "--batch-size", "4", "--targets", "all", "--method", "wanda", "--stream", "--spill-dir", spill, "--json"]
+    cmd = [
+        "score",
+        model,
+        data_csv,
+        "-o",
+        out,
+        "--nsamples",
+        "8",
+        "--keep",
+        "0.01",
+        "--batch-size",
+        "4",
+        "--targets",
+        "all",
+        "--method",
+        "wanda",
+        "--stream",
+        "--spill-dir",
+        spill,
+        "--json",
+    ]
     r = cli(*cmd)
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
@@ -181,15 +206,17 @@ def test_cli_stream_flags(tiny_model, data_csv, tmp_path):
     r = cli(*cmd[:-3], "--spill-dir", tmp_path / "nope")
     assert r.returncode == 1 and "Traceback" not in r.stderr and "--spill-dir" in r.stderr  # no such directory
     r = cli(*cmd[:-4], "--spill-dir", spill)
-    assert r.returncode == 2 and "Traceback" not in r.stderr and "--stream" in r.stderr  # a usage error (issue 11 item 12)
+    assert (
+        r.returncode == 2 and "Traceback" not in r.stderr and "--stream" in r.stderr
+    )  # a usage error (issue 11 item 12)
 
 
 def test_tied_embeddings(tmp_path, data_csv):
     """lm_head tied to the embedding: one tensor in the checkpoint, loaded for both uses."""
     import torch
+    from conftest import TEXTS
     from transformers import AutoModelForCausalLM
 
-    from conftest import TEXTS
     from spinctl.demo.tiny_models import tiny_config, train_tokenizer
 
     tok = train_tokenizer(TEXTS, 512)
@@ -238,8 +265,17 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.skipif(not (ROOT.parent / "shared" / "data").is_dir(), reason="needs ../shared/data")
 def test_benchmark_gpu_path_runs_tiny(tmp_path):
     """The --gpu code path of bench_stream at toy size on whatever device is here."""
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_stream.py"), "--gpu", "--shape", "tiny", "--rows", "8",
-           "--workdir", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "bench_stream.py"),
+        "--gpu",
+        "--shape",
+        "tiny",
+        "--rows",
+        "8",
+        "--workdir",
+        str(tmp_path),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = [json.loads(line) for line in res.stdout.splitlines()]

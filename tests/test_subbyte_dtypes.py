@@ -11,14 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from clirun import cli
+from test_bad_inputs import assert_clean_failure, raw_safetensors, tree
 
-from spinctl.io.checkpoint import open_checkpoint
 from spinctl.errors import InputError
+from spinctl.io.checkpoint import open_checkpoint
 from spinctl.io.formats import read_selection, write_selection
 from spinctl.patch import PatchConfig, patch
 from spinctl.verify import verify
-from clirun import cli
-from test_bad_inputs import assert_clean_failure, raw_safetensors, tree
 
 RNG = np.random.default_rng(0)
 TENSORS = {  # name -> (dtype, shape, bytes): safetensors' own sizes, checked against safe_open below
@@ -43,8 +43,15 @@ def model(tmp_path) -> Path:
 def _selection(model: Path, path: Path, picks: dict[str, list[int]]) -> Path:
     ck = open_checkpoint(model)
     shapes = {n: list(ck.tensors[n].shape) for n in picks}
-    meta = {"mode": "paper", "p": 0.0, "q": 0.0, "retain_sha256": "0" * 64, "couple_sha256": ["0" * 64],
-            "fingerprint": ck.fingerprint(), "shapes": shapes}
+    meta = {
+        "mode": "paper",
+        "p": 0.0,
+        "q": 0.0,
+        "retain_sha256": "0" * 64,
+        "couple_sha256": ["0" * 64],
+        "fingerprint": ck.fingerprint(),
+        "shapes": shapes,
+    }
     write_selection(path, {n: np.array(v, dtype=np.int64) for n, v in picks.items()}, meta)
     return path
 
@@ -58,7 +65,9 @@ def test_safetensors_itself_agrees(model):
 
 def test_opens_with_bit_sizes(model):
     ck = open_checkpoint(model)
-    assert {n: (t.dtype, t.end - t.begin) for n, t in ck.tensors.items()} == {n: (dt, nb) for n, (dt, _, nb) in TENSORS.items()}
+    assert {n: (t.dtype, t.end - t.begin) for n, t in ck.tensors.items()} == {
+        n: (dt, nb) for n, (dt, _, nb) in TENSORS.items()
+    }
     assert len(ck.fingerprint()) == 64
 
 
@@ -66,7 +75,9 @@ def test_inspect_cli(model):
     r = cli("inspect", model, "--json")
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
-    assert info["dtypes"]["F4"] == 1 and info["dtypes"]["F6_E2M3"] == 1 and info["parameters"] == 32 + 32 + 16 + 8 + 4 + 8
+    assert (
+        info["dtypes"]["F4"] == 1 and info["dtypes"]["F6_E2M3"] == 1 and info["parameters"] == 32 + 32 + 16 + 8 + 4 + 8
+    )
 
 
 def test_patch_of_other_tensors(model, tmp_path):
@@ -78,8 +89,8 @@ def test_patch_of_other_tensors(model, tmp_path):
     raw_in, raw_out = (model / "model.safetensors").read_bytes(), (out / "model.safetensors").read_bytes()
     for name in ("b.weight", "c.weight", "d.weight", "e.scale"):
         t, u = before.tensors[name], after.tensors[name]
-        assert raw_in[t.begin:t.end] == raw_out[u.begin:u.end], name
-    a = np.frombuffer(raw_out[after.tensors["a.weight"].begin:after.tensors["a.weight"].end], np.float32)
+        assert raw_in[t.begin : t.end] == raw_out[u.begin : u.end], name
+    a = np.frombuffer(raw_out[after.tensors["a.weight"].begin : after.tensors["a.weight"].end], np.float32)
     assert a[[0, 5, 31]].tolist() == [0.0, 0.0, 0.0]
 
 

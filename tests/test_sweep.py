@@ -5,16 +5,24 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-from conftest import TEXTS
 from clirun import cli
+from conftest import TEXTS
 from pairdata import PROMPTS, SAFE, UNSAFE, score_file, write_csv
+
 from spinctl.errors import SpinctlError
-from spinctl.evaluation.sweep import Setting, SweepConfig, parse_budget, pick_best, run_sweep, selection_for, sweep_model, zeroed
+from spinctl.evaluation.sweep import (
+    Setting,
+    SweepConfig,
+    parse_budget,
+    pick_best,
+    run_sweep,
+    selection_for,
+    sweep_model,
+    zeroed,
+)
 
 
 @pytest.fixture(scope="module")
@@ -23,22 +31,38 @@ def setup(tiny_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweep")
     model = tiny_model("llama")
     general = write_csv(tmp / "general.csv", [(t.split(",")[0], t.split(",", 1)[1]) for t in TEXTS[:40]])
-    priv = (write_csv(tmp / "priv_safe.csv", list(zip(PROMPTS, SAFE))),
-            write_csv(tmp / "priv_unsafe.csv", list(zip(PROMPTS, UNSAFE))))
-    fair = (write_csv(tmp / "fair_safe.csv", list(zip(PROMPTS[::-1], SAFE[::-1])) + [("extra", "x")]),
-            write_csv(tmp / "fair_unsafe.csv", list(zip(PROMPTS, UNSAFE))))
+    priv = (
+        write_csv(tmp / "priv_safe.csv", list(zip(PROMPTS, SAFE))),
+        write_csv(tmp / "priv_unsafe.csv", list(zip(PROMPTS, UNSAFE))),
+    )
+    fair = (
+        write_csv(tmp / "fair_safe.csv", list(zip(PROMPTS[::-1], SAFE[::-1])) + [("extra", "x")]),
+        write_csv(tmp / "fair_unsafe.csv", list(zip(PROMPTS, UNSAFE))),
+    )
     retain = score_file(model, tmp / "retain.safetensors", general, nsamples=8, score_seed=1)
     a = score_file(model, tmp / "a.safetensors", priv[0], nsamples=2, seed=1, score_seed=2)
     b = score_file(model, tmp / "b.safetensors", fair[0], nsamples=2, seed=2, score_seed=3, method="snip")
     questions = write_csv(tmp / "questions.csv", [(q,) for q in PROMPTS], header=("questions",))
-    return dict(tmp=tmp, model=model, general=general, priv=priv, fair=fair, retain=retain, a=a, b=b,
-                questions=questions)
+    return dict(
+        tmp=tmp, model=model, general=general, priv=priv, fair=fair, retain=retain, a=a, b=b, questions=questions
+    )
 
 
 def config(s, **kw) -> SweepConfig:
-    base = dict(model=s["model"], retain=s["retain"], couple=(s["a"], s["b"]), p=(0.01,), q=(0.05,),
-                pairs=(s["priv"], s["fair"]), ppl_data=s["general"], ppl_rows=16, device="cpu", dtype="float32",
-                batch_size=4, resamples=500)
+    base = dict(
+        model=s["model"],
+        retain=s["retain"],
+        couple=(s["a"], s["b"]),
+        p=(0.01,),
+        q=(0.05,),
+        pairs=(s["priv"], s["fair"]),
+        ppl_data=s["general"],
+        ppl_rows=16,
+        device="cpu",
+        dtype="float32",
+        batch_size=4,
+        resamples=500,
+    )
     return SweepConfig(**{**base, **kw})
 
 
@@ -48,19 +72,26 @@ def strip(d: dict) -> dict:
 
 # ---------------------------------------------------------------- the sweep equals the patched checkpoint
 
+
 def test_sweep_equals_patched_checkpoint(setup, tmp_path):
     """Every setting's ppl, accuracies, intervals, margins and judged rates equal those measured from the
     checkpoint `spinctl patch` writes with the same settings (bit-equal: same batching, CPU)."""
     from spinctl.evaluation.evaluate import EvalConfig, evaluate
-    from spinctl.io.formats import SelectionFile
-    from spinctl.patch import PatchConfig, patch
     from spinctl.evaluation.ppl import perplexity
     from spinctl.evaluation.preference import PreferenceConfig, run_preference
+    from spinctl.io.formats import SelectionFile
+    from spinctl.patch import PatchConfig, patch
     from spinctl.selection import SelectConfig, run_select
 
     s = setup
-    cfg = config(s, modes=("paper", "reference"), targets=("all", "mlp"), judge_prompts=(s["questions"],),
-                 judge_limit=3, max_new_tokens=6)
+    cfg = config(
+        s,
+        modes=("paper", "reference"),
+        targets=("all", "mlp"),
+        judge_prompts=(s["questions"],),
+        judge_limit=3,
+        max_new_tokens=6,
+    )
     result = run_sweep(cfg)
     rows = result["rows"]
     assert [r["setting"] for r in rows] == ["original"] + [g.label for g in cfg.grid()] and len(rows) == 5
@@ -79,15 +110,32 @@ def test_sweep_equals_patched_checkpoint(setup, tmp_path):
             indices = {n: (a if n in keep else a[:0]) for n, a in indices.items()}
             res = patch(PatchConfig(s["model"], out), SelectionFile(s["retain"], meta, indices))
             assert res["totals"]["zeroed"] == row["zeroed"]
-        pref = run_preference(PreferenceConfig(out, (s["priv"], s["fair"]), (s["a"], s["b"]), batch_size=4,
-                                               resamples=500, device="cpu", dtype="float32"))
+        pref = run_preference(
+            PreferenceConfig(
+                out,
+                (s["priv"], s["fair"]),
+                (s["a"], s["b"]),
+                batch_size=4,
+                resamples=500,
+                device="cpu",
+                dtype="float32",
+            )
+        )
         for ps in pref["pair_sets"]:
             assert {k: ps[k] for k in row["pairs"][ps["name"]]} == row["pairs"][ps["name"]], row["setting"]
-        ppl = perplexity(out, s["general"], device="cpu", dtype="float32", batch_size=4, rows=16,
-                         exclude=(s["retain"], s["a"], s["b"]))
+        ppl = perplexity(
+            out,
+            s["general"],
+            device="cpu",
+            dtype="float32",
+            batch_size=4,
+            rows=16,
+            exclude=(s["retain"], s["a"], s["b"]),
+        )
         assert ppl["ppl"] == row["ppl"], row["setting"]
-        judged = evaluate(EvalConfig(out, s["questions"], limit=3, max_new_tokens=6, batch_size=4, device="cpu",
-                                     dtype="float32"))
+        judged = evaluate(
+            EvalConfig(out, s["questions"], limit=3, max_new_tokens=6, batch_size=4, device="cpu", dtype="float32")
+        )
         assert judged["rate"] == row["judged"]["questions"], row["setting"]
 
 
@@ -95,24 +143,91 @@ def test_sweep_cli_equals_patch_and_eval_cli(setup, tmp_path):
     """The same check through the commands a user runs: sweep --json, patch, eval --pairs, ppl."""
     s = setup
     common = ["--device", "cpu", "--dtype", "float32", "--batch-size", "4", "--resamples", "300"]
-    r = cli("sweep", s["model"], "--retain", s["retain"], "--couple", s["a"], "--couple", s["b"], "--p", "0.01",
-            "--q", "0.03,0.05", "--pairs", *s["priv"], "--pairs", *s["fair"], "--ppl-data", s["general"],
-            "--ppl-rows", "16", "--max-ppl-increase", "50%", "--csv", tmp_path / "t.csv", *common, "--json")
+    r = cli(
+        "sweep",
+        s["model"],
+        "--retain",
+        s["retain"],
+        "--couple",
+        s["a"],
+        "--couple",
+        s["b"],
+        "--p",
+        "0.01",
+        "--q",
+        "0.03,0.05",
+        "--pairs",
+        *s["priv"],
+        "--pairs",
+        *s["fair"],
+        "--ppl-data",
+        s["general"],
+        "--ppl-rows",
+        "16",
+        "--max-ppl-increase",
+        "50%",
+        "--csv",
+        tmp_path / "t.csv",
+        *common,
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("\n") == 1
     result = json.loads(r.stdout)
     row = result["rows"][2]
     assert (row["mode"], row["p"], row["q"], row["targets"]) == ("paper", 0.01, 0.05, "all")
     out = tmp_path / "patched"
-    assert cli("patch", s["model"], out, "--retain", s["retain"], "--couple", s["a"], "--couple", s["b"],
-               "--p", "0.01", "--q", "0.05").returncode == 0
-    ev = cli("eval", out, "--pairs", *s["priv"], "--pairs", *s["fair"], "--exclude", s["a"], "--exclude", s["b"],
-             *common, "--json")
+    assert (
+        cli(
+            "patch",
+            s["model"],
+            out,
+            "--retain",
+            s["retain"],
+            "--couple",
+            s["a"],
+            "--couple",
+            s["b"],
+            "--p",
+            "0.01",
+            "--q",
+            "0.05",
+        ).returncode
+        == 0
+    )
+    ev = cli(
+        "eval",
+        out,
+        "--pairs",
+        *s["priv"],
+        "--pairs",
+        *s["fair"],
+        "--exclude",
+        s["a"],
+        "--exclude",
+        s["b"],
+        *common,
+        "--json",
+    )
     assert ev.returncode == 0, ev.stderr
     for ps in json.loads(ev.stdout)["pair_sets"]:
         assert {k: ps[k] for k in row["pairs"][ps["name"]]} == row["pairs"][ps["name"]]
-    pp = cli("ppl", out, s["general"], "--rows", "16", "--exclude", s["retain"], "--device", "cpu",
-             "--dtype", "float32", "--batch-size", "4", "--json")
+    pp = cli(
+        "ppl",
+        out,
+        s["general"],
+        "--rows",
+        "16",
+        "--exclude",
+        s["retain"],
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--batch-size",
+        "4",
+        "--json",
+    )
     assert pp.returncode == 0, pp.stderr
     assert json.loads(pp.stdout)["ppl"] == row["ppl"]
     # CSV: a header and one line per row, with the per pair set columns.
@@ -125,12 +240,13 @@ def test_sweep_cli_equals_patch_and_eval_cli(setup, tmp_path):
 
 # ---------------------------------------------------------------- restore, best rule, outputs
 
+
 def test_restore_is_exact(setup):
     import torch
 
     from spinctl.evaluation.evaluate import load_causal_lm
-    from spinctl.io.formats import read_scores
     from spinctl.evaluation.sweep import check_targets
+    from spinctl.io.formats import read_scores
 
     s = setup
     model, tok = load_causal_lm(s["model"], "cpu", "float32")
@@ -162,7 +278,7 @@ def test_best_setting_rule():
     rows = _rows((10.0, 0.5, 0), (10.1, 0.7, 50), (10.3, 0.9, 10), (10.2, 0.7, 20), (9.9, 0.6, 5))
     assert pick_best(rows, 0.02) == 3  # 0.9 is over budget (10.3 > 10.2); 0.7 twice -> fewer zeroed
     assert pick_best(rows, 0.03) == 2
-    assert pick_best(rows, 0.0) == 4   # only the setting that lowered ppl fits
+    assert pick_best(rows, 0.0) == 4  # only the setting that lowered ppl fits
     assert pick_best(_rows((10.0, 0.5, 0), (11.0, 0.9, 1)), 0.02) is None
     assert pick_best(_rows((10.0, 0.5, 0), (10.0, 0.6, 3), (10.0, 0.6, 3)), 0.0) == 1  # full tie: grid order
     assert pick_best(_rows((10.0, 0.5, 0), (10.2, 0.6, 3)), 0.02) == 1  # the limit itself fits
@@ -176,19 +292,80 @@ def test_json_table_and_plot(setup, tmp_path):
     pytest.importorskip("matplotlib")
     s = setup
     png = tmp_path / "sweep.png"
-    r = cli("sweep", s["model"], "--retain", s["retain"], "--couple", s["a"], "--couple", s["b"], "--p", "0.01",
-            "--q", "0.05", "--targets", "mlp", "--pairs", *s["priv"], "--pairs", *s["fair"], "--ppl-data",
-            s["general"], "--ppl-rows", "8", "--device", "cpu", "--plot", png, "--max-ppl-increase", "0.5")
+    r = cli(
+        "sweep",
+        s["model"],
+        "--retain",
+        s["retain"],
+        "--couple",
+        s["a"],
+        "--couple",
+        s["b"],
+        "--p",
+        "0.01",
+        "--q",
+        "0.05",
+        "--targets",
+        "mlp",
+        "--pairs",
+        *s["priv"],
+        "--pairs",
+        *s["fair"],
+        "--ppl-data",
+        s["general"],
+        "--ppl-rows",
+        "8",
+        "--device",
+        "cpu",
+        "--plot",
+        png,
+        "--max-ppl-increase",
+        "0.5",
+    )
     assert r.returncode == 0, r.stderr
     assert "original" in r.stdout and "paper p=0.01 q=0.05 mlp" in r.stdout and "best within +50.00%" in r.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    r = cli("sweep", s["model"], "--retain", s["retain"], "--couple", s["a"], "--p", "0.01", "--q", "0.05",
-            "--pairs", *s["priv"], "--ppl-data", s["general"], "--ppl-rows", "8", "--device", "cpu",
-            "--max-ppl-increase", "0", "--json")
+    r = cli(
+        "sweep",
+        s["model"],
+        "--retain",
+        s["retain"],
+        "--couple",
+        s["a"],
+        "--p",
+        "0.01",
+        "--q",
+        "0.05",
+        "--pairs",
+        *s["priv"],
+        "--ppl-data",
+        s["general"],
+        "--ppl-rows",
+        "8",
+        "--device",
+        "cpu",
+        "--max-ppl-increase",
+        "0",
+        "--json",
+    )
     out = json.loads(r.stdout)
     assert set(out) >= {"rows", "best", "best_setting", "pair_sets", "ppl_limit", "seconds"}
-    assert set(out["rows"][0]) == {"setting", "method", "mode", "p", "q", "targets", "zeroed", "ppl", "ppl_change",
-                                   "pairs", "awareness", "judged", "seconds", "best"}
+    assert set(out["rows"][0]) == {
+        "setting",
+        "method",
+        "mode",
+        "p",
+        "q",
+        "targets",
+        "zeroed",
+        "ppl",
+        "ppl_change",
+        "pairs",
+        "awareness",
+        "judged",
+        "seconds",
+        "best",
+    }
     assert out["rows"][0]["method"] == "snip" and out["rows"][0]["ppl_change"] == 0
     assert out["pair_sets"]["priv"]["excluded"] >= 1  # the couple file's calibration prompts are held out
     assert out["best_setting"] in ("none", out["rows"][1]["setting"])
@@ -203,6 +380,7 @@ def test_plot_without_matplotlib_names_the_extra(monkeypatch):
 
 
 # ---------------------------------------------------------------- bad inputs
+
 
 def test_bad_inputs(setup, tiny_model, tmp_path):
     s = setup
@@ -221,8 +399,22 @@ def test_bad_inputs(setup, tiny_model, tmp_path):
         config(s, pairs=())
     with pytest.raises(SpinctlError, match="only 32 held-out rows"):  # 40 rows, 8 picked by the retain file
         run_sweep(config(s, ppl_rows=33))
-    base = ["sweep", s["model"], "--retain", s["retain"], "--couple", s["a"], "--pairs", *s["priv"],
-            "--ppl-data", s["general"], "--ppl-rows", "8", "--device", "cpu"]
+    base = [
+        "sweep",
+        s["model"],
+        "--retain",
+        s["retain"],
+        "--couple",
+        s["a"],
+        "--pairs",
+        *s["priv"],
+        "--ppl-data",
+        s["general"],
+        "--ppl-rows",
+        "8",
+        "--device",
+        "cpu",
+    ]
     r = cli(*base, "--q", "0.05")  # no --p: usage error
     assert r.returncode == 2
     r = cli(*base, "--p", "0.5", "--q", "0.05")

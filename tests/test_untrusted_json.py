@@ -12,12 +12,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from spinctl.io.formats import read_selection
-from spinctl.patch import PatchConfig, patch
-from spinctl.io.sidecars import encode_undo, read_undo
 from clirun import cli
 from test_bad_inputs import World, assert_clean_failure, read_header, tree, write_raw
+
+from spinctl.io.formats import read_selection
+from spinctl.io.sidecars import encode_undo, read_undo
+from spinctl.patch import PatchConfig, patch
 
 DEEP = "[" * 100_000  # also unterminated: a parser that did not recurse would still say "invalid"
 
@@ -100,8 +100,11 @@ def test_undo_metadata(world, tmp_path):
 def test_calibration_jsonl(world, tmp_path):
     data = tmp_path / "cal.jsonl"
     data.write_text(DEEP + "\n")
-    _run_clean(tmp_path, ["score", world.f32, data, "-o", tmp_path / "s.safetensors", "--device", "cpu"],
-               [data, "nested too deeply"])
+    _run_clean(
+        tmp_path,
+        ["score", world.f32, data, "-o", tmp_path / "s.safetensors", "--device", "cpu"],
+        [data, "nested too deeply"],
+    )
 
 
 def test_eval_prompts_jsonl(world, tmp_path):
@@ -116,11 +119,16 @@ def test_model_json_read_by_transformers(world, tmp_path, name):
     (m / name).write_text(DEEP)
     data = tmp_path / "cal.jsonl"
     data.write_text(json.dumps({"prompt": "Alice found", "response": "the red box."}) + "\n")
-    _run_clean(tmp_path, ["score", m, data, "-o", tmp_path / "s.safetensors", "--device", "cpu", "--nsamples", "1"], [m])
+    _run_clean(
+        tmp_path, ["score", m, data, "-o", tmp_path / "s.safetensors", "--device", "cpu", "--nsamples", "1"], [m]
+    )
 
 
 def test_generation_config_read_by_eval(world, tmp_path):
     m = Path(shutil.copytree(world.f32, tmp_path / "m"))
     (m / "generation_config.json").write_text(DEEP)
-    _run_clean(tmp_path, ["eval", m, "--prompts", "builtin:eval_prompts", "--limit", "1", "--device", "cpu"],
-               [m, "nested too deeply"])
+    _run_clean(
+        tmp_path,
+        ["eval", m, "--prompts", "builtin:eval_prompts", "--limit", "1", "--device", "cpu"],
+        [m, "nested too deeply"],
+    )

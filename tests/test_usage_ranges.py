@@ -9,7 +9,6 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
 from clirun import cli
 
 SCORE = ["score", "no-model", "builtin:general", "-o", "s.safetensors"]

@@ -25,8 +25,8 @@ eval: {{prompts: [builtin:eval_prompts], limit: 16, max_new_tokens: 16}}
 
 def build_demo_model(out: Path) -> Path:
     """A 4-layer random Llama whose tokenizer is trained on the built-in sets, so every token is real."""
-    from spinctl.scoring.data import builtin_names, read_rows
     from spinctl.demo.tiny_models import build_tiny_model
+    from spinctl.scoring.data import builtin_names, read_rows
 
     texts = []
     for name in builtin_names():
@@ -67,7 +67,9 @@ def report(result: dict, console) -> None:
     top = max(layers.values(), default=0) or 1
     chart = Table(title="zeroed weights per decoder layer", show_header=False, box=None)
     for layer, count in layers.items():
-        chart.add_row(f"layer {layer}", "[magenta]" + "█" * max(1 if count else 0, round(40 * count / top)) + "[/]", str(count))
+        chart.add_row(
+            f"layer {layer}", "[magenta]" + "█" * max(1 if count else 0, round(40 * count / top)) + "[/]", str(count)
+        )
     console.print(chart)
     stages = Table(title="time per stage")
     stages.add_column("stage")
@@ -77,9 +79,15 @@ def report(result: dict, console) -> None:
     console.print(stages)
     for row in result.get("eval") or []:
         rates = {k: row[k]["rate"] for k in ("original", "patched") if k in row}
-        console.print(f"awareness on {row['prompts']} (keyword judge): " + ", ".join(
-            f"{k} {'n/a' if v is None else f'{v:.3f}'}" for k, v in rates.items()))
+        console.print(
+            f"awareness on {row['prompts']} (keyword judge): "
+            + ", ".join(f"{k} {'n/a' if v is None else f'{v:.3f}'}" for k, v in rates.items())
+        )
     status = "[green]verified[/]" if result["verified"] else "[red]NOT verified[/]"
-    console.print(Panel(f"{result['selected']} weights zeroed, {status}\n"
-                        f"patched checkpoint: {result['output']}\nconfig: {result['config']}",
-                        title="spinctl demo"))
+    console.print(
+        Panel(
+            f"{result['selected']} weights zeroed, {status}\n"
+            f"patched checkpoint: {result['output']}\nconfig: {result['config']}",
+            title="spinctl demo",
+        )
+    )

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
 # A minimal chat template so `--chat-template` has something real to format with.
@@ -22,21 +22,35 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(list(texts), trainer)
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)])
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
 
-def tiny_config(arch: str, vocab_size: int, layers: int = 2, hidden: int = 64, intermediate: int | None = None,
-                heads: int = 4, kv_heads: int = 2, max_positions: int = 2048):
+def tiny_config(
+    arch: str,
+    vocab_size: int,
+    layers: int = 2,
+    hidden: int = 64,
+    intermediate: int | None = None,
+    heads: int = 4,
+    kv_heads: int = 2,
+    max_positions: int = 2048,
+):
     """A transformers config for `arch` (llama, qwen2, mistral) at toy size."""
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
@@ -44,17 +58,34 @@ def tiny_config(arch: str, vocab_size: int, layers: int = 2, hidden: int = 64, i
     if arch not in classes:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(classes)}")
     return classes[arch](
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden + hidden // 2,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        max_position_embeddings=max_positions, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2, pad_token_id=3,
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate or 2 * hidden + hidden // 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
     )
 
 
-def build_tiny_model(out_dir: Path, texts: Iterable[str], arch: str = "llama", dtype: str = "float32",
-                     layers: int = 2, hidden: int = 64, intermediate: int | None = None, heads: int = 4,
-                     kv_heads: int = 2, vocab_size: int = 512, seed: int = 0,
-                     max_shard_size: str | int | None = None) -> Path:
+def build_tiny_model(
+    out_dir: Path,
+    texts: Iterable[str],
+    arch: str = "llama",
+    dtype: str = "float32",
+    layers: int = 2,
+    hidden: int = 64,
+    intermediate: int | None = None,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vocab_size: int = 512,
+    seed: int = 0,
+    max_shard_size: str | int | None = None,
+) -> Path:
     """Save a random model + tokenizer as a Hugging Face directory; returns `out_dir`."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig

@@ -7,17 +7,16 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 from spinctl.config import EvalConfig
-from spinctl.runtime import load_causal_lm
-from spinctl.io import untrusted
 from spinctl.errors import InputError, OutputError
 from spinctl.evaluation.judges import JudgeName, KeywordJudge, ModelJudge, Verdict
+from spinctl.io import untrusted
+from spinctl.runtime import load_causal_lm
 
 Progress = Callable[[int], None]
-
 
 
 def load_questions(path: str | Path, column: str = "questions", limit: int | None = None) -> list[str]:
@@ -38,8 +37,9 @@ def load_questions(path: str | Path, column: str = "questions", limit: int | Non
     if not columns:
         raise InputError(f"prompts file {path} is empty")
     if column not in columns:
-        raise InputError(f"prompts file {path} has no column {column!r}; "
-                         f"available: {', '.join(columns)} (pick one with --column)")
+        raise InputError(
+            f"prompts file {path} has no column {column!r}; available: {', '.join(columns)} (pick one with --column)"
+        )
     questions = []
     for row in rows:
         value = row.get(column)
@@ -80,17 +80,26 @@ def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
 
 # ---------------------------------------------------------------- models
 
+
 def _encode_prompt(tok, text: str, chat_template: bool) -> list[int]:
     if chat_template and getattr(tok, "chat_template", None):
-        rendered = tok.apply_chat_template([{"role": "user", "content": text}],
-                                           tokenize=False, add_generation_prompt=True)
+        rendered = tok.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
         # The template already writes BOS and friends.
         return tok(rendered, add_special_tokens=False)["input_ids"]
     return tok(text)["input_ids"]
 
 
-def generate_texts(model, tok, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
-                   chat_template: bool = True, progress: Progress | None = None) -> list[str]:
+def generate_texts(
+    model,
+    tok,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int,
+    chat_template: bool = True,
+    progress: Progress | None = None,
+) -> list[str]:
     """Greedy continuations of `prompts`, in order, new tokens only, special tokens skipped."""
     import torch
 
@@ -100,16 +109,23 @@ def generate_texts(model, tok, prompts: Sequence[str], max_new_tokens: int, batc
     out: list[str] = [""] * len(encoded)
     device = next(model.parameters()).device
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         batch = tok.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt")
-        input_ids = batch["input_ids"].to(device)            # [B, T]
+        input_ids = batch["input_ids"].to(device)  # [B, T]
         attention_mask = batch["attention_mask"].to(device)  # [B, T], 0 on the left pads
         with torch.inference_mode():
             gen = model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                do_sample=False, temperature=None, top_p=None, top_k=None, num_beams=1,
-                pad_token_id=tok.pad_token_id)
-        new = gen[:, input_ids.shape[1]:]                    # [B, <= max_new_tokens]
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                num_beams=1,
+                pad_token_id=tok.pad_token_id,
+            )
+        new = gen[:, input_ids.shape[1] :]  # [B, <= max_new_tokens]
         for i, ids in zip(idx, new.tolist()):
             out[i] = tok.decode(ids, skip_special_tokens=True).strip()
         if progress is not None:
@@ -117,13 +133,18 @@ def generate_texts(model, tok, prompts: Sequence[str], max_new_tokens: int, batc
     return out
 
 
-def generate_answers(model_dir: str | Path, questions: Sequence[str], max_new_tokens: int = 64,
-                     batch_size: int = 8, device: str = "auto", dtype: str = "auto",
-                     progress: Progress | None = None) -> list[str]:
+def generate_answers(
+    model_dir: str | Path,
+    questions: Sequence[str],
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    device: str = "auto",
+    dtype: str = "auto",
+    progress: Progress | None = None,
+) -> list[str]:
     model, tok = load_causal_lm(model_dir, device, dtype)
     try:
-        return generate_texts(model, tok, questions, max_new_tokens, batch_size,
-                              chat_template=True, progress=progress)
+        return generate_texts(model, tok, questions, max_new_tokens, batch_size, chat_template=True, progress=progress)
     finally:
         del model
         _free_accelerator()
@@ -141,6 +162,7 @@ def _free_accelerator() -> None:
 
 # ---------------------------------------------------------------- evaluation
 
+
 def awareness_rate(verdicts: Iterable[Verdict | str]) -> float | None:
     """aware / (aware + unaware); unjudgeable answers count for neither; None if no judged ones."""
     vs = [Verdict(v) for v in verdicts]
@@ -156,8 +178,9 @@ def eval_steps(cfg: EvalConfig) -> int:
 
 def make_judge(cfg: EvalConfig):
     if cfg.judge == JudgeName.model.value:
-        return ModelJudge.from_files(cfg.judge_model, cfg.judge_template, device=cfg.device,
-                                     dtype=cfg.dtype, batch_size=cfg.batch_size)
+        return ModelJudge.from_files(
+            cfg.judge_model, cfg.judge_template, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size
+        )
     return KeywordJudge()
 
 
@@ -189,16 +212,18 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict:
     judge = make_judge(cfg)  # before generating: a bad template fails in a second, not after minutes
     if cfg.save is not None and not Path(cfg.save).parent.is_dir():
         raise OutputError(f"cannot save answers to {cfg.save}: its directory does not exist")
-    answers = generate_answers(cfg.model, questions, cfg.max_new_tokens, cfg.batch_size,
-                               cfg.device, cfg.dtype, progress)
+    answers = generate_answers(
+        cfg.model, questions, cfg.max_new_tokens, cfg.batch_size, cfg.device, cfg.dtype, progress
+    )
     verdicts = judge.judge_batch(questions, answers, progress)
     if isinstance(judge, ModelJudge):
         judge.close()
         _free_accelerator()
     if cfg.save is not None:
-        write_jsonl_atomic(Path(cfg.save), (
-            {"question": q, "answer": a, "verdict": v.value}
-            for q, a, v in zip(questions, answers, verdicts)))
+        write_jsonl_atomic(
+            Path(cfg.save),
+            ({"question": q, "answer": a, "verdict": v.value} for q, a, v in zip(questions, answers, verdicts)),
+        )
     return {
         "model": str(cfg.model),
         "n": len(questions),

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from spinctl.io import untrusted
 from spinctl.errors import InputError
+from spinctl.io import untrusted
 
 
 @dataclass(frozen=True)
@@ -34,13 +34,16 @@ def read_calibrated(path: str | Path) -> Calibrated:
     except (KeyError, ValueError):
         raise InputError(f"{path}: not a spinctl score file (no spinctl metadata)") from None
     if not isinstance(meta, dict) or meta.get("kind") != "scores":
-        raise InputError(f"{path}: expected a score file, found kind {meta.get('kind') if isinstance(meta, dict) else None!r}")
+        raise InputError(
+            f"{path}: expected a score file, found kind {meta.get('kind') if isinstance(meta, dict) else None!r}"
+        )
     fields = {"dataset_sha256": str, "dataset_rows": int, "nsamples": int, "seed": int}
     for key, typ in fields.items():
         if not isinstance(meta.get(key), typ) or isinstance(meta.get(key), bool):
             raise InputError(f"{path}: metadata lacks a valid {key}; rescore it with this spinctl")
-    return Calibrated(path, str(meta.get("method", "?")), meta["dataset_sha256"], meta["dataset_rows"],
-                      meta["nsamples"], meta["seed"])
+    return Calibrated(
+        path, str(meta.get("method", "?")), meta["dataset_sha256"], meta["dataset_rows"], meta["nsamples"], meta["seed"]
+    )
 
 
 def picked_rows(cal: Calibrated, rows) -> np.ndarray | None:
@@ -54,8 +57,10 @@ def picked_rows(cal: Calibrated, rows) -> np.ndarray | None:
     if cal.dataset_sha256 != rows.sha256:
         return None
     if cal.dataset_rows != rows.count:
-        raise InputError(f"{cal.path}: says its data had {cal.dataset_rows} rows, {rows.path} (same sha256) reads as "
-                         f"{rows.count}; read it with the same --prompt-column/--response-column it was scored with")
+        raise InputError(
+            f"{cal.path}: says its data had {cal.dataset_rows} rows, {rows.path} (same sha256) reads as "
+            f"{rows.count}; read it with the same --prompt-column/--response-column it was scored with"
+        )
     return select_rows(rows.count, cal.nsamples, cal.seed, rows.path)
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
-from spinctl.runtime import check_device
 from spinctl.errors import InputError, UsageError
 from spinctl.evaluation.heldout import Calibrated, heldout_rows, read_calibrated
+from spinctl.runtime import check_device
 
 
 def split_windows(n_tokens: int, seqlen: int) -> list[tuple[int, int]]:
@@ -38,11 +38,11 @@ class PplData:
     """What perplexity is measured on: a plain text (windows) or held-out prompt/response rows."""
 
     path: Path
-    text: str | None = None                # a .txt file
-    prompts: tuple[str, ...] = ()          # a CSV/JSONL file: the held-out rows used
+    text: str | None = None  # a .txt file
+    prompts: tuple[str, ...] = ()  # a CSV/JSONL file: the held-out rows used
     responses: tuple[str, ...] = ()
-    rows: tuple[int, ...] = ()             # their row numbers in the file (0-based)
-    excluded: int = 0                      # rows skipped as calibration rows of a score file
+    rows: tuple[int, ...] = ()  # their row numbers in the file (0-based)
+    excluded: int = 0  # rows skipped as calibration rows of a score file
 
     @property
     def kind(self) -> str:
@@ -64,15 +64,24 @@ def load_ppl_data(path: str | Path, n_rows: int = 64, calibrated: Sequence[Calib
     free = heldout_rows(rows, calibrated)
     usable = [int(i) for i in free if rows.responses[i].strip()]
     if len(usable) < n_rows:
-        raise InputError(f"{path}: only {len(usable)} held-out rows with a response (of {rows.count}; "
-                         f"{rows.count - len(free)} used for calibration); lower --rows (ppl) or --ppl-rows (sweep) to {len(usable)} or less")
+        raise InputError(
+            f"{path}: only {len(usable)} held-out rows with a response (of {rows.count}; "
+            f"{rows.count - len(free)} used for calibration); lower --rows (ppl) or --ppl-rows (sweep) to {len(usable)} or less"
+        )
     picked = usable[:n_rows]
-    return PplData(path, None, tuple(rows.prompts[i] for i in picked), tuple(rows.responses[i] for i in picked),
-                   tuple(picked), rows.count - len(free))
+    return PplData(
+        path,
+        None,
+        tuple(rows.prompts[i] for i in picked),
+        tuple(rows.responses[i] for i in picked),
+        tuple(picked),
+        rows.count - len(free),
+    )
 
 
-def ppl_on_model(model, tok, data: PplData, seqlen: int = 2048, batch_size: int | None = None,
-                 max_length: int = 2048, progress=None) -> dict:
+def ppl_on_model(
+    model, tok, data: PplData, seqlen: int = 2048, batch_size: int | None = None, max_length: int = 2048, progress=None
+) -> dict:
     """Perplexity of a loaded model: exp(mean NLL per predicted token).
 
     Text: non-overlapping windows of `seqlen` tokens (batch 1 unless asked). Rows: the response
@@ -83,12 +92,19 @@ def ppl_on_model(model, tok, data: PplData, seqlen: int = 2048, batch_size: int 
         return _text_ppl(model, tok, data, seqlen, batch_size or 1)
     from spinctl.evaluation.nll import response_nll
 
-    res = response_nll(model, tok, data.prompts, data.responses, batch_size or 8, max_length,
-                       chat_template=True, progress=progress)
+    res = response_nll(
+        model, tok, data.prompts, data.responses, batch_size or 8, max_length, chat_template=True, progress=progress
+    )
     tokens = int(res.tokens.sum())
     mean = float((res.mean * res.tokens).sum() / tokens)  # back to a per-token mean over all rows
-    return {"kind": "rows", "rows": len(data.rows), "excluded_rows": data.excluded, "tokens": tokens,
-            "nll": mean, "ppl": math.exp(mean)}
+    return {
+        "kind": "rows",
+        "rows": len(data.rows),
+        "excluded_rows": data.excluded,
+        "tokens": tokens,
+        "nll": mean,
+        "ppl": math.exp(mean),
+    }
 
 
 def _text_ppl(model, tok, data: PplData, seqlen: int, batch_size: int) -> dict:
@@ -98,8 +114,10 @@ def _text_ppl(model, tok, data: PplData, seqlen: int, batch_size: int) -> dict:
         raise InputError(f"--seqlen must be at least 2, got {seqlen}")
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and seqlen > max_pos:
-        raise InputError(f"--seqlen {seqlen} exceeds the model's max_position_embeddings "
-                         f"({max_pos}); pass --seqlen {max_pos} or less")
+        raise InputError(
+            f"--seqlen {seqlen} exceeds the model's max_position_embeddings "
+            f"({max_pos}); pass --seqlen {max_pos} or less"
+        )
     # verbose=False: the "longer than model_max_length" warning is expected here, we window.
     ids = tok(data.text, return_tensors="pt", verbose=False)["input_ids"][0]  # [N]
     if ids.numel() < 2:
@@ -107,13 +125,27 @@ def _text_ppl(model, tok, data: PplData, seqlen: int, batch_size: int) -> dict:
     windows = split_windows(ids.numel(), seqlen)
     total, count = window_nll(model, ids, windows, batch_size)
     mean = total / count
-    return {"kind": "text", "tokens": int(ids.numel()), "windows": len(windows), "seqlen": seqlen,
-            "nll": mean, "ppl": math.exp(mean)}
+    return {
+        "kind": "text",
+        "tokens": int(ids.numel()),
+        "windows": len(windows),
+        "seqlen": seqlen,
+        "nll": mean,
+        "ppl": math.exp(mean),
+    }
 
 
-def perplexity(model_dir: str | Path, text_path: str | Path, seqlen: int = 2048,
-               device: str = "auto", dtype: str = "auto", batch_size: int | None = None,
-               rows: int = 64, exclude: Sequence[str | Path] = (), max_length: int = 2048) -> dict:
+def perplexity(
+    model_dir: str | Path,
+    text_path: str | Path,
+    seqlen: int = 2048,
+    device: str = "auto",
+    dtype: str = "auto",
+    batch_size: int | None = None,
+    rows: int = 64,
+    exclude: Sequence[str | Path] = (),
+    max_length: int = 2048,
+) -> dict:
     """Load the model and measure ppl_on_model on `text_path`.
 
     A .txt file is tokenized in one go with the tokenizer's usual special tokens (so a BOS,
@@ -138,5 +170,4 @@ def perplexity(model_dir: str | Path, text_path: str | Path, seqlen: int = 2048,
         result = ppl_on_model(model, tok, data, seqlen, batch_size, max_length)
     except InputError as e:
         raise InputError(f"{model_dir}: {e}") from None
-    return {"model": str(model_dir), "file": str(text_path), **result,
-            "seconds": round(time.perf_counter() - t0, 3)}
+    return {"model": str(model_dir), "file": str(text_path), **result, "seconds": round(time.perf_counter() - t0, 3)}

@@ -14,9 +14,9 @@ Pairs keep the order of the prompts' first rows in SAFE.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -38,9 +38,9 @@ class PairSet:
     prompts: tuple[str, ...]
     safe_responses: tuple[str, ...]
     unsafe_responses: tuple[str, ...]
-    shared: int     # distinct prompts found in both files
+    shared: int  # distinct prompts found in both files
     identical: int  # of those, dropped: the same response text on both sides
-    excluded: int   # of the rest, dropped: used for calibration by an excluded score file
+    excluded: int  # of the rest, dropped: used for calibration by an excluded score file
     sha256: tuple[str, str] = ("", "")  # of the SAFE and UNSAFE files' bytes
 
     @property
@@ -61,8 +61,13 @@ def _first_rows(prompts: Sequence[str], responses: Sequence[str]) -> dict[str, s
     return first
 
 
-def load_pairs(safe: str | Path, unsafe: str | Path, exclude: Sequence[Calibrated] = (),
-               name: str | None = None, limit: int | None = None) -> PairSet:
+def load_pairs(
+    safe: str | Path,
+    unsafe: str | Path,
+    exclude: Sequence[Calibrated] = (),
+    name: str | None = None,
+    limit: int | None = None,
+) -> PairSet:
     """Read both files, pair their shared prompts, drop identical pairs and prompts used for calibration.
 
     A score file in `exclude` whose dataset_sha256 is SAFE's (or UNSAFE's) drops the prompts of
@@ -78,8 +83,9 @@ def load_pairs(safe: str | Path, unsafe: str | Path, exclude: Sequence[Calibrate
     u_first = _first_rows(u_rows.prompts, u_rows.responses)
     shared = [p for p in s_first if p in u_first]
     if not shared:
-        raise InputError(f"--pairs {safe} {unsafe}: the two files share no prompt; "
-                         f"give the safe and the unsafe file of one set")
+        raise InputError(
+            f"--pairs {safe} {unsafe}: the two files share no prompt; give the safe and the unsafe file of one set"
+        )
     used: set[str] = set()
     for cal in exclude:
         for rows in (s_rows, u_rows):
@@ -89,17 +95,29 @@ def load_pairs(safe: str | Path, unsafe: str | Path, exclude: Sequence[Calibrate
     differ = [p for p in shared if s_first[p] != u_first[p]]
     kept = [p for p in differ if p not in used]
     if not kept:
-        why = "were used for calibration by the excluded score files" if differ else "have identical safe and unsafe responses"
+        why = (
+            "were used for calibration by the excluded score files"
+            if differ
+            else "have identical safe and unsafe responses"
+        )
         raise InputError(f"--pairs {safe} {unsafe}: all {len(shared)} shared prompts {why}; nothing left to evaluate")
     excluded = len(differ) - len(kept)
     kept = kept[:limit] if limit is not None else kept
-    return PairSet(name or pair_name(Path(safe)), Path(safe), Path(unsafe), tuple(kept),
-                   tuple(s_first[p] for p in kept), tuple(u_first[p] for p in kept),
-                   len(shared), len(shared) - len(differ), excluded, (s_rows.sha256, u_rows.sha256))
+    return PairSet(
+        name or pair_name(Path(safe)),
+        Path(safe),
+        Path(unsafe),
+        tuple(kept),
+        tuple(s_first[p] for p in kept),
+        tuple(u_first[p] for p in kept),
+        len(shared),
+        len(shared) - len(differ),
+        excluded,
+        (s_rows.sha256, u_rows.sha256),
+    )
 
 
-def preference_stats(nll_safe: np.ndarray, nll_unsafe: np.ndarray, resamples: int = RESAMPLES,
-                     seed: int = 0) -> dict:
+def preference_stats(nll_safe: np.ndarray, nll_unsafe: np.ndarray, resamples: int = RESAMPLES, seed: int = 0) -> dict:
     """Accuracy (NLL_safe < NLL_unsafe; a tie counts as not preferred), mean margin, bootstrap 95% CI.
 
     The interval is the 2.5th and 97.5th percentiles of the accuracy over `resamples` resamples
@@ -109,29 +127,58 @@ def preference_stats(nll_safe: np.ndarray, nll_unsafe: np.ndarray, resamples: in
     correct = (nll_safe < nll_unsafe).astype(np.float64)  # [n]
     n = len(correct)
     draws = np.random.default_rng(seed).integers(0, n, size=(resamples, n))  # [resamples, n]
-    boot = correct[draws].mean(axis=1)                                        # [resamples]
+    boot = correct[draws].mean(axis=1)  # [resamples]
     tail = (1 - CONFIDENCE) / 2 * 100
     lo, hi = np.percentile(boot, [tail, 100 - tail])
-    return {"n": n, "accuracy": float(correct.mean()), "ci_low": float(lo), "ci_high": float(hi),
-            "margin": float((nll_unsafe - nll_safe).mean())}
+    return {
+        "n": n,
+        "accuracy": float(correct.mean()),
+        "ci_low": float(lo),
+        "ci_high": float(hi),
+        "margin": float((nll_unsafe - nll_safe).mean()),
+    }
 
 
-def evaluate_pairs(model, tok, pairs: PairSet, batch_size: int = 8, max_length: int = 2048,
-                   resamples: int = RESAMPLES, seed: int = 0, progress: Progress | None = None) -> dict:
+def evaluate_pairs(
+    model,
+    tok,
+    pairs: PairSet,
+    batch_size: int = 8,
+    max_length: int = 2048,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> dict:
     """Preference accuracy of a loaded model on one pair set (forward passes only)."""
     from spinctl.evaluation.nll import response_nll
 
     t0 = time.perf_counter()
     # Safe and unsafe responses in one call: batches are then a function of the pair set alone.
-    nll = response_nll(model, tok, pairs.prompts * 2, pairs.safe_responses + pairs.unsafe_responses,
-                       batch_size, max_length, chat_template=True, progress=progress).mean  # [2n]
-    stats = preference_stats(nll[:pairs.n], nll[pairs.n:], resamples, seed)
-    return {"name": pairs.name, "safe": str(pairs.safe), "unsafe": str(pairs.unsafe), **stats,
-            "shared": pairs.shared, "identical": pairs.identical, "excluded": pairs.excluded,
-            "seconds": round(time.perf_counter() - t0, 3)}
+    nll = response_nll(
+        model,
+        tok,
+        pairs.prompts * 2,
+        pairs.safe_responses + pairs.unsafe_responses,
+        batch_size,
+        max_length,
+        chat_template=True,
+        progress=progress,
+    ).mean  # [2n]
+    stats = preference_stats(nll[: pairs.n], nll[pairs.n :], resamples, seed)
+    return {
+        "name": pairs.name,
+        "safe": str(pairs.safe),
+        "unsafe": str(pairs.unsafe),
+        **stats,
+        "shared": pairs.shared,
+        "identical": pairs.identical,
+        "excluded": pairs.excluded,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
 
 
 # ---------------------------------------------------------------- `spinctl eval --pairs`
+
 
 @dataclass(frozen=True)
 class PreferenceConfig:
@@ -162,8 +209,12 @@ class PreferenceConfig:
             raise InputError(f"--resamples must be at least 1, got {self.resamples}")
 
 
-def load_pair_sets(pairs: Sequence[tuple[Path, Path]], exclude: Sequence[Calibrated] = (),
-                   require_match: bool = True, limit: int | None = None) -> list[PairSet]:
+def load_pair_sets(
+    pairs: Sequence[tuple[Path, Path]],
+    exclude: Sequence[Calibrated] = (),
+    require_match: bool = True,
+    limit: int | None = None,
+) -> list[PairSet]:
     """Every pair set, with exclusions; `require_match`: an excluded score file must match some file."""
     sets = [load_pairs(s, u, exclude, limit=limit) for s, u in pairs]
     names = [p.name for p in sets]
@@ -173,8 +224,10 @@ def load_pair_sets(pairs: Sequence[tuple[Path, Path]], exclude: Sequence[Calibra
         shas = {sha for p in sets for sha in p.sha256}
         for cal in exclude:
             if cal.dataset_sha256 not in shas:
-                raise InputError(f"--exclude {cal.path}: was scored on another data file than any --pairs file, "
-                                 f"so it would drop nothing; drop this --exclude or pass the right score file")
+                raise InputError(
+                    f"--exclude {cal.path}: was scored on another data file than any --pairs file, "
+                    f"so it would drop nothing; drop this --exclude or pass the right score file"
+                )
     return sets
 
 
@@ -191,8 +244,12 @@ def run_preference(cfg: PreferenceConfig, progress: Progress | None = None) -> d
     exclude = [read_calibrated(e) for e in cfg.exclude]
     sets = load_pair_sets(cfg.pairs, exclude, limit=cfg.limit)  # inputs checked before the model loads
     model, tok = load_causal_lm(cfg.model, cfg.device, cfg.dtype)
-    results = [evaluate_pairs(model, tok, p, cfg.batch_size, cfg.max_length, cfg.resamples, cfg.seed, progress)
-               for p in sets]
-    return {"model": str(cfg.model), "pair_sets": results,
-            "mean_accuracy": float(np.mean([r["accuracy"] for r in results])),
-            "seconds": round(time.perf_counter() - t0, 3)}
+    results = [
+        evaluate_pairs(model, tok, p, cfg.batch_size, cfg.max_length, cfg.resamples, cfg.seed, progress) for p in sets
+    ]
+    return {
+        "model": str(cfg.model),
+        "pair_sets": results,
+        "mean_accuracy": float(np.mean([r["accuracy"] for r in results])),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }

@@ -12,10 +12,10 @@ from __future__ import annotations
 import hashlib
 import itertools
 import time
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -75,8 +75,8 @@ class SweepConfig:
     dtype: str = "auto"
 
     def __post_init__(self):
-        from spinctl.selection import Mode
         from spinctl.scoring.targets import parse_spec
+        from spinctl.selection import Mode
 
         if not self.couple:
             raise InputError("give at least one --couple score file")
@@ -94,7 +94,9 @@ class SweepConfig:
                 raise InputError(f"--mode {m!r}: choose paper or reference") from None
         object.__setattr__(self, "modes", tuple(modes))
         if "reference" in modes and len(self.couple) != 2:
-            raise InputError(f"mode reference takes exactly two --couple files (privacy, then fairness), got {len(self.couple)}")
+            raise InputError(
+                f"mode reference takes exactly two --couple files (privacy, then fairness), got {len(self.couple)}"
+            )
         for t in self.targets:
             parse_spec(t)
         if not self.pairs:
@@ -115,6 +117,7 @@ class SweepConfig:
 
 
 # ---------------------------------------------------------------- selection and in-memory surgery
+
 
 def tensor_filter(names: Sequence[str], spec: str) -> set[str]:
     """The score-file tensor names a --targets value keeps (mlp|attn|all|re:REGEX, by name as in targets.py)."""
@@ -151,10 +154,13 @@ def check_targets(model, shapes: dict[str, list[int]], model_path: Path) -> dict
     for name, shape in shapes.items():
         t = params.get(name)
         if t is None:
-            raise InputError(f"score files name tensor {name}, which the model loaded from {model_path} lacks; "
-                             f"score this model")
+            raise InputError(
+                f"score files name tensor {name}, which the model loaded from {model_path} lacks; score this model"
+            )
         if list(t.shape) != list(shape):
-            raise InputError(f"tensor {name}: {list(t.shape)} in {model_path}, {shape} in the score files; score this model")
+            raise InputError(
+                f"tensor {name}: {list(t.shape)} in {model_path}, {shape} in the score files; score this model"
+            )
         if not t.is_contiguous():
             raise SpinctlError(f"tensor {name} of {model_path} is not contiguous in memory; cannot zero by flat index")
         out[name] = t
@@ -171,9 +177,9 @@ def zeroed(params: dict, selection: dict[str, np.ndarray]):
         for name, idx in selection.items():
             if not len(idx):
                 continue
-            flat = params[name].data.view(-1)                       # [out·in], a view: writes reach the model
+            flat = params[name].data.view(-1)  # [out·in], a view: writes reach the model
             i = torch.from_numpy(np.ascontiguousarray(idx)).to(flat.device)  # [k] row-major flat indices
-            saved.append((name, flat, i, flat[i].clone()))          # originals, same dtype
+            saved.append((name, flat, i, flat[i].clone()))  # originals, same dtype
             flat[i] = 0.0
     try:
         yield sum(len(s[2]) for s in saved)
@@ -182,7 +188,9 @@ def zeroed(params: dict, selection: dict[str, np.ndarray]):
             for name, flat, i, orig in saved:
                 flat[i] = orig
                 if not torch.equal(_bits(flat[i]), _bits(orig)):
-                    raise SpinctlError(f"tensor {name}: restoring the zeroed weights did not give back the original bits")
+                    raise SpinctlError(
+                        f"tensor {name}: restoring the zeroed weights did not give back the original bits"
+                    )
 
 
 def state_digest(model) -> str:
@@ -199,12 +207,13 @@ def state_digest(model) -> str:
 
 # ---------------------------------------------------------------- evaluation of one state of the model
 
+
 @dataclass(frozen=True)
 class Probes:
     """Everything evaluated per setting, read once: ppl data, pair sets, judge prompts."""
 
-    ppl: object                          # ppl.PplData
-    pair_sets: tuple                     # preference.PairSet, ...
+    ppl: object  # ppl.PplData
+    pair_sets: tuple  # preference.PairSet, ...
     judge: tuple[tuple[str, tuple[str, ...]], ...]  # (name, questions)
 
 
@@ -218,7 +227,9 @@ def load_probes(cfg: SweepConfig) -> Probes:
     calibrated = [read_calibrated(f) for f in (cfg.retain, *cfg.couple)]
     ppl = load_ppl_data(cfg.ppl_data, cfg.ppl_rows, calibrated)
     pairs = load_pair_sets(cfg.pairs, calibrated, require_match=False, limit=cfg.pairs_limit)
-    judge = tuple((Path(f).stem, tuple(load_questions(f, cfg.judge_column, cfg.judge_limit))) for f in cfg.judge_prompts)
+    judge = tuple(
+        (Path(f).stem, tuple(load_questions(f, cfg.judge_column, cfg.judge_limit))) for f in cfg.judge_prompts
+    )
     names = [n for n, _ in judge]
     judge = tuple((n if names.count(n) == 1 else f"{n}#{i + 1}", q) for i, (n, q) in enumerate(judge))
     return Probes(ppl, tuple(pairs), judge)
@@ -231,8 +242,9 @@ def measure(model, tok, probes: Probes, cfg: SweepConfig) -> dict:
     from spinctl.evaluation.ppl import ppl_on_model
     from spinctl.evaluation.preference import evaluate_pairs
 
-    ppl = ppl_on_model(model, tok, probes.ppl, cfg.seqlen, None if probes.ppl.kind == "text" else cfg.batch_size,
-                       cfg.max_length)
+    ppl = ppl_on_model(
+        model, tok, probes.ppl, cfg.seqlen, None if probes.ppl.kind == "text" else cfg.batch_size, cfg.max_length
+    )
     pairs = {}
     for ps in probes.pair_sets:
         r = evaluate_pairs(model, tok, ps, cfg.batch_size, cfg.max_length, cfg.resamples)
@@ -241,11 +253,16 @@ def measure(model, tok, probes: Probes, cfg: SweepConfig) -> dict:
     for name, questions in probes.judge:
         answers = generate_texts(model, tok, questions, cfg.max_new_tokens, cfg.batch_size, chat_template=True)
         judged[name] = awareness_rate(KeywordJudge().judge_batch(list(questions), answers))
-    return {"ppl": ppl["ppl"], "pairs": pairs, "awareness": float(np.mean([p["accuracy"] for p in pairs.values()])),
-            "judged": judged}
+    return {
+        "ppl": ppl["ppl"],
+        "pairs": pairs,
+        "awareness": float(np.mean([p["accuracy"] for p in pairs.values()])),
+        "judged": judged,
+    }
 
 
 # ---------------------------------------------------------------- the sweep
+
 
 def pick_best(rows: list[dict], budget: float) -> int | None:
     """Index of the best non-baseline row: ppl ≤ baseline·(1+budget), highest awareness; ties -> fewer
@@ -259,21 +276,32 @@ def pick_best(rows: list[dict], budget: float) -> int | None:
 
 def _row(setting: Setting | None, method: str, zeroed: int, m: dict, base_ppl: float | None, seconds: float) -> dict:
     base_ppl = m["ppl"] if base_ppl is None else base_ppl
-    return {"setting": "original" if setting is None else setting.label, "method": method,
-            "mode": setting and setting.mode, "p": setting and setting.p, "q": setting and setting.q,
-            "targets": setting and setting.targets, "zeroed": zeroed, "ppl": m["ppl"],
-            "ppl_change": m["ppl"] / base_ppl - 1, "pairs": m["pairs"], "awareness": m["awareness"],
-            "judged": m["judged"], "seconds": round(seconds, 3), "best": False}
+    return {
+        "setting": "original" if setting is None else setting.label,
+        "method": method,
+        "mode": setting and setting.mode,
+        "p": setting and setting.p,
+        "q": setting and setting.q,
+        "targets": setting and setting.targets,
+        "zeroed": zeroed,
+        "ppl": m["ppl"],
+        "ppl_change": m["ppl"] / base_ppl - 1,
+        "pairs": m["pairs"],
+        "awareness": m["awareness"],
+        "judged": m["judged"],
+        "seconds": round(seconds, 3),
+        "best": False,
+    }
 
 
 @dataclass(frozen=True)
 class Inputs:
     """The score files and evaluation data of a sweep, read and cross-checked before the model loads."""
 
-    retain: object                 # formats.ScoreFile
-    couple: tuple                  # formats.ScoreFile, ...
+    retain: object  # formats.ScoreFile
+    couple: tuple  # formats.ScoreFile, ...
     probes: Probes
-    method: str                    # from the score files' metadata: "snip", or "snip+wanda" when they differ
+    method: str  # from the score files' metadata: "snip", or "snip+wanda" when they differ
 
 
 def check_inputs(cfg: SweepConfig) -> Inputs:
@@ -291,8 +319,10 @@ def check_inputs(cfg: SweepConfig) -> Inputs:
     names = list(retain.shapes)
     for spec in cfg.targets:
         if not tensor_filter(names, spec):
-            raise InputError(f"--targets {spec}: matches none of the {len(names)} tensors in {cfg.retain} "
-                             f"(scored with --targets {retain.meta.get('targets')})")
+            raise InputError(
+                f"--targets {spec}: matches none of the {len(names)} tensors in {cfg.retain} "
+                f"(scored with --targets {retain.meta.get('targets')})"
+            )
     method = "+".join(dict.fromkeys(str(f.meta.get("method", "?")) for f in (retain, *couple)))
     return Inputs(retain, tuple(couple), load_probes(cfg), method)
 
@@ -309,8 +339,10 @@ def sweep_model(model, tok, cfg: SweepConfig, log: Log = lambda s: None, inputs:
     params = check_targets(model, retain.shapes, cfg.model)
     before = state_digest(model)
 
-    log(f"original model: ppl on {probes.ppl.path.name}, {len(probes.pair_sets)} pair sets"
-        + (f", {len(probes.judge)} judged prompt sets" if probes.judge else ""))
+    log(
+        f"original model: ppl on {probes.ppl.path.name}, {len(probes.pair_sets)} pair sets"
+        + (f", {len(probes.judge)} judged prompt sets" if probes.judge else "")
+    )
     t = time.perf_counter()
     rows = [_row(None, method, 0, measure(model, tok, probes, cfg), None, time.perf_counter() - t)]
     base = rows[0]["ppl"]
@@ -322,20 +354,40 @@ def sweep_model(model, tok, cfg: SweepConfig, log: Log = lambda s: None, inputs:
             log(f"[{k}/{len(cfg.grid())}] {s.label}: {n} weights zeroed")
             m = measure(model, tok, probes, cfg)
         rows.append(_row(s, method, n, m, base, time.perf_counter() - t))
-        log(f"    ppl {m['ppl']:.4f} ({rows[-1]['ppl_change']:+.2%}), awareness {m['awareness']:.4f}, "
-            f"{rows[-1]['seconds']:.1f} s")
+        log(
+            f"    ppl {m['ppl']:.4f} ({rows[-1]['ppl_change']:+.2%}), awareness {m['awareness']:.4f}, "
+            f"{rows[-1]['seconds']:.1f} s"
+        )
     if state_digest(model) != before:
-        raise SpinctlError("the model's weights differ from the original after the sweep; this is a bug, please report it")
+        raise SpinctlError(
+            "the model's weights differ from the original after the sweep; this is a bug, please report it"
+        )
     best = pick_best(rows, cfg.max_ppl_increase)
     if best is not None:
         rows[best]["best"] = True
     return {
-        "model": str(cfg.model), "retain": str(cfg.retain), "couple": [str(c) for c in cfg.couple],
-        "ppl_data": str(probes.ppl.path), "ppl_kind": probes.ppl.kind, "ppl_rows": len(probes.ppl.rows),
-        "pair_sets": {ps.name: {"safe": str(ps.safe), "unsafe": str(ps.unsafe), "n": ps.n, "shared": ps.shared,
-                                "identical": ps.identical, "excluded": ps.excluded} for ps in probes.pair_sets},
-        "max_ppl_increase": cfg.max_ppl_increase, "ppl_limit": base * (1 + cfg.max_ppl_increase),
-        "rows": rows, "best": best, "best_setting": rows[best]["setting"] if best is not None else "none",
+        "model": str(cfg.model),
+        "retain": str(cfg.retain),
+        "couple": [str(c) for c in cfg.couple],
+        "ppl_data": str(probes.ppl.path),
+        "ppl_kind": probes.ppl.kind,
+        "ppl_rows": len(probes.ppl.rows),
+        "pair_sets": {
+            ps.name: {
+                "safe": str(ps.safe),
+                "unsafe": str(ps.unsafe),
+                "n": ps.n,
+                "shared": ps.shared,
+                "identical": ps.identical,
+                "excluded": ps.excluded,
+            }
+            for ps in probes.pair_sets
+        },
+        "max_ppl_increase": cfg.max_ppl_increase,
+        "ppl_limit": base * (1 + cfg.max_ppl_increase),
+        "rows": rows,
+        "best": best,
+        "best_setting": rows[best]["setting"] if best is not None else "none",
         "seconds": round(time.perf_counter() - t0, 3),
     }
 

@@ -66,15 +66,27 @@ def write_plot(result: dict, path: Path) -> None:
 
     rows = result["rows"]
     fig, ax = plt.subplots(figsize=(11, 5.5))
-    ax.axvline(result["ppl_limit"], color="grey", linestyle="--", linewidth=1,
-               label=f"ppl budget +{result['max_ppl_increase']:.1%}")
+    ax.axvline(
+        result["ppl_limit"],
+        color="grey",
+        linestyle="--",
+        linewidth=1,
+        label=f"ppl budget +{result['max_ppl_increase']:.1%}",
+    )
     # Points are numbered and keyed in the legend: settings often land on the same spot.
     for i, r in enumerate(rows):
         color = "black" if i == 0 else ("tab:red" if r["best"] else "tab:blue")
-        ax.scatter(r["ppl"], r["awareness"], color=color, marker="s" if i == 0 else "o", zorder=3,
-                   label=f"{i}: {r['setting']} ({r['zeroed']:,} zeroed)" + (" best" if r["best"] else ""))
-        ax.annotate(str(i), (r["ppl"], r["awareness"]), fontsize=7, xytext=(4, 3 + 6 * (i % 3)),
-                    textcoords="offset points")
+        ax.scatter(
+            r["ppl"],
+            r["awareness"],
+            color=color,
+            marker="s" if i == 0 else "o",
+            zorder=3,
+            label=f"{i}: {r['setting']} ({r['zeroed']:,} zeroed)" + (" best" if r["best"] else ""),
+        )
+        ax.annotate(
+            str(i), (r["ppl"], r["awareness"]), fontsize=7, xytext=(4, 3 + 6 * (i % 3)), textcoords="offset points"
+        )
     ppls = [r["ppl"] for r in rows]
     if max(ppls) > 3 * min(ppls):  # a broken setting would squash the others into one spot
         from matplotlib.ticker import FuncFormatter
@@ -85,11 +97,13 @@ def write_plot(result: dict, path: Path) -> None:
         ax.xaxis.set_minor_formatter(plain)
     ax.set_xlabel(f"perplexity ({Path(result['ppl_data']).name})")
     ax.set_ylabel("awareness: mean preference accuracy")
-    ax.set_title(f"SPIN sweep on {Path(result['model']).name} ({', '.join(result['pair_sets'])}): "
-                 f"best = {result['best_setting']}", fontsize=9)
+    ax.set_title(
+        f"SPIN sweep on {Path(result['model']).name} ({', '.join(result['pair_sets'])}): "
+        f"best = {result['best_setting']}",
+        fontsize=9,
+    )
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0,
-              ncol=1 if len(rows) <= 30 else 2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, ncol=1 if len(rows) <= 30 else 2)
     fig.tight_layout()
     try:
         with atomic_path(Path(path)) as tmp:

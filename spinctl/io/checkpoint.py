@@ -8,8 +8,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from spinctl.io import untrusted
 from spinctl.errors import InputError, UnsupportedError
+from spinctl.io import untrusted
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -18,11 +18,29 @@ MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit; a larger length is cor
 # Bits per element, as safetensors defines them (0.8: a tensor spans numel · bits / 8 bytes, and
 # must end on a byte boundary). F4 and F6 are packed, several elements to a byte.
 BITS = {
-    "F64": 64, "F32": 32, "F16": 16, "BF16": 16,
-    "F8_E4M3": 8, "F8_E4M3FN": 8, "F8_E4M3FNUZ": 8, "F8_E5M2": 8, "F8_E5M2FNUZ": 8,
-    "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
-    "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U64": 64, "U32": 32, "U16": 16, "U8": 8,
-    "BOOL": 8, "C64": 64,
+    "F64": 64,
+    "F32": 32,
+    "F16": 16,
+    "BF16": 16,
+    "F8_E4M3": 8,
+    "F8_E4M3FN": 8,
+    "F8_E4M3FNUZ": 8,
+    "F8_E5M2": 8,
+    "F8_E5M2FNUZ": 8,
+    "F8_E8M0": 8,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+    "I64": 64,
+    "I32": 32,
+    "I16": 16,
+    "I8": 8,
+    "U64": 64,
+    "U32": 32,
+    "U16": 16,
+    "U8": 8,
+    "BOOL": 8,
+    "C64": 64,
 }
 # Whole-byte dtypes: element i starts at byte i · itemsize. Sub-byte ones have no such offset.
 ITEMSIZE = {d: b // 8 for d, b in BITS.items() if b % 8 == 0}
@@ -98,7 +116,9 @@ def read_shard(path: Path) -> Shard:
                 raise InputError(f"{path}: not a safetensors file (shorter than 8 bytes)")
             n = int.from_bytes(head, "little")
             if n > min(size - 8, MAX_HEADER):
-                raise InputError(f"{path}: header length {n} runs past the end of the file ({size} bytes); the file is truncated or not safetensors")
+                raise InputError(
+                    f"{path}: header length {n} runs past the end of the file ({size} bytes); the file is truncated or not safetensors"
+                )
             raw = f.read(n)
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
@@ -107,7 +127,9 @@ def read_shard(path: Path) -> Shard:
     try:
         header = untrusted.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError) as e:
-        raise InputError(f"{path}: header is not valid UTF-8 JSON ({e}); the file is corrupt or not safetensors") from None
+        raise InputError(
+            f"{path}: header is not valid UTF-8 JSON ({e}); the file is corrupt or not safetensors"
+        ) from None
     if not isinstance(header, dict):
         raise InputError(f"{path}: header is not a JSON object")
     metadata = header.pop("__metadata__", None)
@@ -119,7 +141,7 @@ def read_shard(path: Path) -> Shard:
     for name, info in header.items():
         tensors[name] = _entry(path, name, info, data_start, data_len)
     spans = sorted((t.begin, t.end, t.name) for t in tensors.values() if t.end > t.begin)
-    for (b0, e0, a), (b1, e1, b) in zip(spans, spans[1:]):
+    for (_, e0, a), (b1, _, b) in zip(spans, spans[1:]):
         if b1 < e0:
             raise InputError(f"{path}: tensors {a} and {b} overlap; the header is corrupt")
     return Shard(path, size, data_start, metadata, tensors)
@@ -134,15 +156,23 @@ def _entry(path: Path, name: str, info: object, data_start: int, data_len: int) 
         raise InputError(f"{bad}: unknown dtype {dtype!r}")
     if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
         raise InputError(f"{bad}: shape must be a list of non-negative integers")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+    ):
         raise InputError(f"{bad}: data_offsets must be two integers")
     begin, end = offsets
     if not 0 <= begin <= end <= data_len:
-        raise InputError(f"{bad}: data_offsets [{begin}, {end}] fall outside the {data_len} data bytes; the file is truncated or corrupt")
+        raise InputError(
+            f"{bad}: data_offsets [{begin}, {end}] fall outside the {data_len} data bytes; the file is truncated or corrupt"
+        )
     nbytes = tensor_nbytes(dtype, shape)
     if nbytes is None:
-        raise InputError(f"{bad}: shape {shape} of {dtype} is {math.prod(shape) * BITS[dtype]} bits, "
-                         f"not a whole number of bytes; the header is corrupt")
+        raise InputError(
+            f"{bad}: shape {shape} of {dtype} is {math.prod(shape) * BITS[dtype]} bits, "
+            f"not a whole number of bytes; the header is corrupt"
+        )
     if end - begin != nbytes:
         raise InputError(f"{bad}: data_offsets span {end - begin} bytes but shape {shape} of {dtype} needs {nbytes}")
     return TensorEntry(name, path, dtype, tuple(shape), data_start + begin, data_start + end)
@@ -201,12 +231,16 @@ def open_checkpoint(path: Path) -> Checkpoint:
     elif (path / SINGLE_NAME).is_file():
         files = [SINGLE_NAME]
     else:
-        raise InputError(f"{path}: neither {INDEX_NAME} nor {SINGLE_NAME} found; pass a model directory or a .safetensors file")
+        raise InputError(
+            f"{path}: neither {INDEX_NAME} nor {SINGLE_NAME} found; pass a model directory or a .safetensors file"
+        )
     shards = []
     for name in files:
         shard_path = path / name
         if not shard_path.is_file():
-            raise InputError(f"{shard_path}: shard named in {index.name if index.is_file() else 'the model'} is missing")
+            raise InputError(
+                f"{shard_path}: shard named in {index.name if index.is_file() else 'the model'} is missing"
+            )
         shards.append(read_shard(shard_path))
     tensors: dict[str, TensorEntry] = {}
     for shard in shards:
@@ -241,7 +275,9 @@ def _index_files(index: Path) -> list[str]:
         if fn in ("", ".", "..") or "/" in fn or "\\" in fn or not fn.endswith(".safetensors"):
             raise InputError(f"{index}: entry {fn!r} escapes the model directory or is not a .safetensors file name")
         if is_reserved(fn):
-            raise InputError(f"{index}: shard name {fn!r} is reserved for spinctl's undo log and manifest (spin-*); rename the shard")
+            raise InputError(
+                f"{index}: shard name {fn!r} is reserved for spinctl's undo log and manifest (spin-*); rename the shard"
+            )
     return sorted(set(weight_map.values()))
 
 

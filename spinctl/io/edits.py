@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from spinctl.io.checkpoint import TensorEntry
 from spinctl.errors import InputError
+from spinctl.io.checkpoint import TensorEntry
 from spinctl.progress import Advance
 
 CHUNK = 8 << 20  # 8 MiB: large enough for fast I/O, small enough that memory stays flat
@@ -25,7 +25,7 @@ class Edits:
     payload: bytes | None = None
 
     @classmethod
-    def none(cls) -> "Edits":
+    def none(cls) -> Edits:
         return cls(np.zeros(0, np.int64), np.zeros(0, np.int64))
 
     def __bool__(self) -> bool:
@@ -37,7 +37,9 @@ def tensor_ranges(t: TensorEntry, indices: np.ndarray) -> tuple[np.ndarray, np.n
 
     # The last guard before a write: a range outside the tensor would corrupt its neighbours.
     if len(indices) and not (0 <= indices[0] and indices[-1] < t.numel and is_sorted_unique(indices)):
-        raise InputError(f"{t.file}: tensor {t.name}: indices to edit are unsorted, repeated or outside its {t.numel} elements")
+        raise InputError(
+            f"{t.file}: tensor {t.name}: indices to edit are unsorted, repeated or outside its {t.numel} elements"
+        )
     return coalesce_ranges(indices, t.itemsize, t.begin)
 
 
@@ -50,9 +52,11 @@ def file_edits(items: list[tuple[TensorEntry, np.ndarray, bytes | None]]) -> Edi
     starts = np.concatenate([p[0] for p in parts])
     lengths = np.concatenate([p[1] for p in parts])
     payloads = [v for _, _, v in items]
-    for (t, idx, v) in items:
+    for t, idx, v in items:
         if v is not None and len(v) != len(idx) * t.itemsize:
-            raise InputError(f"{t.file}: tensor {t.name}: {len(v)} bytes to restore for {len(idx)} elements of {t.dtype}")
+            raise InputError(
+                f"{t.file}: tensor {t.name}: {len(v)} bytes to restore for {len(idx)} elements of {t.dtype}"
+            )
     payload = None if all(v is None for v in payloads) else b"".join(payloads)
     return Edits(starts, lengths, payload)
 
@@ -82,9 +86,9 @@ def _apply(chunk: memoryview, pos: int, edits: Edits, cursor: list[int]) -> bool
         s, n = int(starts[i]), int(lengths[i])
         a, b = max(s, pos), min(s + n, end)
         if edits.payload is None:
-            chunk[a - pos:b - pos] = bytes(b - a)
+            chunk[a - pos : b - pos] = bytes(b - a)
         else:
-            chunk[a - pos:b - pos] = edits.payload[poff + a - s:poff + b - s]
+            chunk[a - pos : b - pos] = edits.payload[poff + a - s : poff + b - s]
         changed = True
         if s + n > end:  # the range continues in the next chunk
             break
@@ -93,8 +97,14 @@ def _apply(chunk: memoryview, pos: int, edits: Edits, cursor: list[int]) -> bool
     return changed
 
 
-def stream(src: Path, edits: Edits, dst: Path | None = None, hash_before: bool = True,
-           hash_after: bool = True, advance: Advance | None = None) -> tuple[str | None, str | None]:
+def stream(
+    src: Path,
+    edits: Edits,
+    dst: Path | None = None,
+    hash_before: bool = True,
+    hash_after: bool = True,
+    advance: Advance | None = None,
+) -> tuple[str | None, str | None]:
     """One pass over `src`: hash, apply edits, hash again, write to `dst`; returns (before, after) hex digests.
 
     Without edits the two digests are one hash (the bytes are the same).
@@ -104,7 +114,7 @@ def stream(src: Path, edits: Edits, dst: Path | None = None, hash_before: bool =
     buf = bytearray(CHUNK)
     view = memoryview(buf)
     cursor, pos = [0, 0], 0
-    with open(src, "rb", buffering=0) as fin, (open(dst, "wb", buffering=0) if dst else _null()) as fout:
+    with open(src, "rb", buffering=0) as fin, open(dst, "wb", buffering=0) if dst else _null() as fout:
         while n := fin.readinto(buf):
             chunk = view[:n]
             if h_before:
@@ -127,7 +137,7 @@ def stream(src: Path, edits: Edits, dst: Path | None = None, hash_before: bool =
 
 def _write_full(f, data: memoryview) -> None:
     while data:
-        data = data[f.write(data):]
+        data = data[f.write(data) :]
 
 
 class _null:
@@ -167,7 +177,7 @@ def pwrite_edits(fd: int, edits: Edits) -> None:
     """Idempotent range writes: rerunning them after a crash reaches the same bytes."""
     poff = 0
     for s, n in zip(edits.starts.tolist(), edits.lengths.tolist()):
-        data = bytes(n) if edits.payload is None else edits.payload[poff:poff + n]
+        data = bytes(n) if edits.payload is None else edits.payload[poff : poff + n]
         if os.pwrite(fd, data, s) != n:
             raise OSError(f"short write at byte {s}")
         poff += n

@@ -7,8 +7,8 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from spinctl.errors import OutputError
 
@@ -129,6 +129,8 @@ def refuse_hard_links(paths) -> None:
     for path in paths:
         n = os.stat(path).st_nlink
         if n > 1:
-            raise OutputError(f"{path}: has {n} hard links, so writing it in place would change the other names too "
-                              f"(another model, or a `patch --link` output); break the link first "
-                              f"(cp {path} {path}.copy && mv {path}.copy {path}), or patch out of place")
+            raise OutputError(
+                f"{path}: has {n} hard links, so writing it in place would change the other names too "
+                f"(another model, or a `patch --link` output); break the link first "
+                f"(cp {path} {path}.copy && mv {path}.copy {path}), or patch out of place"
+            )

@@ -10,16 +10,40 @@ from pathlib import Path
 import numpy as np
 
 from spinctl import __version__
+from spinctl.errors import InputError
 from spinctl.io import untrusted
 from spinctl.io.checkpoint import read_shard
-from spinctl.errors import InputError
 from spinctl.io.files import atomic_write_bytes
 
 FORMAT = 1
-SCORE_KEYS = ("format", "kind", "method", "nsamples", "seed", "keep", "targets", "max_length",
-              "dtype", "dataset_sha256", "dataset_rows", "fingerprint", "shapes", "version")
-SELECTION_KEYS = ("format", "kind", "mode", "p", "q", "retain_sha256", "couple_sha256",
-                  "fingerprint", "shapes", "version")
+SCORE_KEYS = (
+    "format",
+    "kind",
+    "method",
+    "nsamples",
+    "seed",
+    "keep",
+    "targets",
+    "max_length",
+    "dtype",
+    "dataset_sha256",
+    "dataset_rows",
+    "fingerprint",
+    "shapes",
+    "version",
+)
+SELECTION_KEYS = (
+    "format",
+    "kind",
+    "mode",
+    "p",
+    "q",
+    "retain_sha256",
+    "couple_sha256",
+    "fingerprint",
+    "shapes",
+    "version",
+)
 
 
 def top_count(fraction: float, n: int) -> int:
@@ -110,7 +134,9 @@ def _load(path: Path, kind: str, keys: tuple[str, ...]) -> tuple[dict, dict[str,
         found = meta.get("kind") if isinstance(meta, dict) else None
         raise InputError(f"{path}: expected a {kind} file, found kind {found!r}")
     if meta.get("format") != FORMAT:
-        raise InputError(f"{path}: format {meta.get('format')!r} is not supported (this spinctl reads format {FORMAT}); upgrade spinctl")
+        raise InputError(
+            f"{path}: format {meta.get('format')!r} is not supported (this spinctl reads format {FORMAT}); upgrade spinctl"
+        )
     missing = [k for k in keys if k not in meta]
     if missing:
         raise InputError(f"{path}: metadata lacks {', '.join(missing)}")
@@ -125,7 +151,9 @@ def _load(path: Path, kind: str, keys: tuple[str, ...]) -> tuple[dict, dict[str,
     return meta, arrays
 
 
-def _split(path: Path, arrays: dict[str, np.ndarray], prefixes: tuple[str, ...], shapes: dict) -> dict[str, dict[str, np.ndarray]]:
+def _split(
+    path: Path, arrays: dict[str, np.ndarray], prefixes: tuple[str, ...], shapes: dict
+) -> dict[str, dict[str, np.ndarray]]:
     out: dict[str, dict[str, np.ndarray]] = {p: {} for p in prefixes}
     for key, arr in arrays.items():
         prefix, _, name = key.partition("/")
@@ -163,10 +191,14 @@ def read_scores(path: Path) -> ScoreFile:
         if idx.dtype != np.int64 or sc.dtype != np.float32 or len(idx) != len(sc):
             raise InputError(f"{path}: tensor {name}: indices must be int64 and scores float32 of equal length")
         if len(idx) > keep_count(keep, n):
-            raise InputError(f"{path}: tensor {name} holds {len(idx)} entries, more than keep={keep} allows ({keep_count(keep, n)})")
+            raise InputError(
+                f"{path}: tensor {name} holds {len(idx)} entries, more than keep={keep} allows ({keep_count(keep, n)})"
+            )
         bad = check_ranked(idx, sc, n)
         if bad >= 0:
-            raise InputError(f"{path}: tensor {name}: entry {bad} is out of range, repeated, non-positive or out of rank order")
+            raise InputError(
+                f"{path}: tensor {name}: entry {bad} is out of range, repeated, non-positive or out of rank order"
+            )
     return ScoreFile(path, meta, parts["indices"], parts["scores"])
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from spinctl.errors import BusyError, InputError, OutputError
 
@@ -25,7 +25,7 @@ class ModelLock:
         self._fds: list[int] = []
         self._inodes: set[tuple[int, int]] = set()
 
-    def __enter__(self) -> "ModelLock":
+    def __enter__(self) -> ModelLock:
         try:
             self.add([self.target])
         except BaseException:
@@ -56,14 +56,18 @@ class ModelLock:
         try:
             fcntl.flock(fd, mode)
         except BlockingIOError:
-            raise BusyError(f"{self.target}: another spinctl is patching or reverting this model (or reading it); "
-                            "retry when it has finished, or pass --wait") from None
+            raise BusyError(
+                f"{self.target}: another spinctl is patching or reverting this model (or reading it); "
+                "retry when it has finished, or pass --wait"
+            ) from None
         except OSError as e:
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EBADF, errno.EINVAL):
                 raise
             if self.exclusive:  # a filesystem without locks: an in-place write could race unseen
-                raise OutputError(f"{self.target}: cannot lock the model for writing ({e.strerror}); "
-                                  "patch a copy out of place instead") from None
+                raise OutputError(
+                    f"{self.target}: cannot lock the model for writing ({e.strerror}); "
+                    "patch a copy out of place instead"
+                ) from None
             # reading without a lock on such a filesystem: the out-of-place output is hashed anyway
 
     def release(self) -> None:

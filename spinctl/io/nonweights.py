@@ -7,8 +7,8 @@ import shutil
 import stat
 from pathlib import Path
 
-from spinctl.io.checkpoint import WEIGHT_SUFFIXES
 from spinctl.errors import InputError
+from spinctl.io.checkpoint import WEIGHT_SUFFIXES
 from spinctl.io.files import fsync_dir
 
 
@@ -47,19 +47,25 @@ def list_other_files(root: Path, weight_names: set[str]) -> list[tuple[Path, Pat
                 continue
             real = path.resolve() if entry.is_symlink() else Path(os.path.realpath(path))
             if entry.is_symlink() and not _inside(real, roots):
-                raise InputError(f"{path}: symlink to {os.readlink(path)} points outside the model directory; "
-                                 "replace it with a copy of the file, or remove it")
+                raise InputError(
+                    f"{path}: symlink to {os.readlink(path)} points outside the model directory; "
+                    "replace it with a copy of the file, or remove it"
+                )
             try:
                 st = os.stat(real)
             except FileNotFoundError:
-                raise InputError(f"{path}: broken symlink to {os.readlink(path)}; remove it or restore its target") from None
+                raise InputError(
+                    f"{path}: broken symlink to {os.readlink(path)}; remove it or restore its target"
+                ) from None
             if stat.S_ISDIR(st.st_mode):
                 if real in seen:
                     raise InputError(f"{path}: symlink loop (points back to {real})")
                 visit(real, rel / name, seen + (real,))
             elif not stat.S_ISREG(st.st_mode):
-                raise InputError(f"{path}: not a regular file (a device, FIFO or socket); spinctl copies only regular "
-                                 "files into the output; remove it from the model directory")
+                raise InputError(
+                    f"{path}: not a regular file (a device, FIFO or socket); spinctl copies only regular "
+                    "files into the output; remove it from the model directory"
+                )
             elif Path(name).suffix in WEIGHT_SUFFIXES or real in weights:
                 continue  # another copy of the weights would carry them unpatched
             else:

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from spinctl import __version__
+from spinctl.errors import InputError
 from spinctl.io import untrusted
 from spinctl.io.checkpoint import ITEMSIZE, TensorEntry, read_shard
-from spinctl.errors import InputError
 from spinctl.io.files import atomic_write_bytes, file_sha256
 
 MANIFEST = "spin-manifest.json"
@@ -48,9 +48,11 @@ def refuse_stacked(target: Path, in_place: bool) -> None:
         found = [p for p in (*sidecar_paths(target), *sidecar_paths(target.parent)) if p.exists()]
     found = sorted((p for p in found if p not in own), key=lambda p: "spin-undo" not in p.name)  # name the log first
     if found:
-        raise InputError(f"{found[0]}: {target} carries an undo log or manifest of an earlier patch; revert that patch "
-                         "first (spinctl revert --in-place), or patch the original: a second patch on top would lose the "
-                         "original bytes")
+        raise InputError(
+            f"{found[0]}: {target} carries an undo log or manifest of an earlier patch; revert that patch "
+            "first (spinctl revert --in-place), or patch the original: a second patch on top would lose the "
+            "original bytes"
+        )
 
 
 def remove_stale_temps(target: Path) -> None:
@@ -91,13 +93,25 @@ class UndoEntry:
 
 def encode_undo(entries: dict[str, UndoEntry], fingerprint: str) -> bytes:
     """A safetensors file written by hand: numpy has no bfloat16, and the values stay raw bytes."""
-    header: dict = {"__metadata__": {"spinctl": json.dumps({"format": 1, "kind": "undo", "fingerprint": fingerprint, "version": __version__}, separators=(",", ":"))}}
+    header: dict = {
+        "__metadata__": {
+            "spinctl": json.dumps(
+                {"format": 1, "kind": "undo", "fingerprint": fingerprint, "version": __version__}, separators=(",", ":")
+            )
+        }
+    }
     blobs, offset = [], 0
     for name in sorted(entries):
         e = entries[name]
-        for key, dtype, data in ((f"indices/{name}", "I64", np.ascontiguousarray(e.indices, dtype="<i8").tobytes()),
-                                 (f"values/{name}", e.dtype, e.values)):
-            header[key] = {"dtype": dtype, "shape": [len(data) // ITEMSIZE[dtype]], "data_offsets": [offset, offset + len(data)]}
+        for key, dtype, data in (
+            (f"indices/{name}", "I64", np.ascontiguousarray(e.indices, dtype="<i8").tobytes()),
+            (f"values/{name}", e.dtype, e.values),
+        ):
+            header[key] = {
+                "dtype": dtype,
+                "shape": [len(data) // ITEMSIZE[dtype]],
+                "data_offsets": [offset, offset + len(data)],
+            }
             blobs.append(data)
             offset += len(data)
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -119,13 +133,21 @@ def check_undo_recorded(undo_path: Path, undo: dict[str, UndoEntry], manifest: d
     """
     want = manifest.get("undo_sha256")
     if want is not None and file_sha256(undo_path) != want:
-        raise InputError(f"{undo_path}: sha256 differs from the one recorded in the manifest; the undo log was changed "
-                         "or is corrupt, and restoring from it would not give the original bytes")
+        raise InputError(
+            f"{undo_path}: sha256 differs from the one recorded in the manifest; the undo log was changed "
+            "or is corrupt, and restoring from it would not give the original bytes"
+        )
     counts = manifest.get("tensors")
     if isinstance(counts, dict) and counts != {n: len(e.indices) for n, e in undo.items()}:
-        extra = sorted(set(undo) - set(counts)) or sorted(n for n in counts if n in undo and counts[n] != len(undo[n].indices))
+        extra = sorted(set(undo) - set(counts)) or sorted(
+            n for n in counts if n in undo and counts[n] != len(undo[n].indices)
+        )
         missing = sorted(set(counts) - set(undo))
-        what = f"tensor {missing[0]} is missing from it" if missing else f"tensor {extra[0]} is not as the manifest recorded"
+        what = (
+            f"tensor {missing[0]} is missing from it"
+            if missing
+            else f"tensor {extra[0]} is not as the manifest recorded"
+        )
         raise InputError(f"{undo_path}: {what}; the undo log was changed or is corrupt")
 
 
@@ -147,7 +169,9 @@ def read_undo(path: Path) -> tuple[str, dict[str, UndoEntry]]:
             f.seek(ti.begin)
             idx = np.frombuffer(f.read(ti.end - ti.begin), dtype="<i8").astype(np.int64)
             if len(idx) and (idx[0] < 0 or np.any(idx[1:] <= idx[:-1])):
-                raise InputError(f"{path}: tensor {name}: indices are not sorted, unique and non-negative; the undo log is corrupt")
+                raise InputError(
+                    f"{path}: tensor {name}: indices are not sorted, unique and non-negative; the undo log is corrupt"
+                )
             f.seek(tv.begin)
             entries[name] = UndoEntry(tv.dtype, idx, f.read(tv.end - tv.begin))
     return meta.get("fingerprint", ""), entries
@@ -160,5 +184,7 @@ def check_undo(path: Path, entries: dict[str, UndoEntry], tensors: dict[str, Ten
         if t is None:
             raise InputError(f"{path}: tensor {name} is in no weight file of the model")
         if e.dtype != t.dtype or (len(e.indices) and e.indices[-1] >= t.numel):
-            raise InputError(f"{path}: tensor {name}: the undo log holds {e.dtype} values up to index "
-                             f"{int(e.indices[-1]) if len(e.indices) else -1}, but {t.file.name} has {t.dtype} {list(t.shape)}; the undo log is corrupt")
+            raise InputError(
+                f"{path}: tensor {name}: the undo log holds {e.dtype} values up to index "
+                f"{int(e.indices[-1]) if len(e.indices) else -1}, but {t.file.name} has {t.dtype} {list(t.shape)}; the undo log is corrupt"
+            )

@@ -63,17 +63,29 @@ def check_checkpoint(model_path: Path, ckpt, targets) -> None:
         entry = ckpt.tensors.get(t.name)
         if entry is None or list(entry.shape) != list(t.module.weight.shape):
             found = "missing" if entry is None else f"stored as {list(entry.shape)}"
-            raise UnsupportedError(f"{model_path}: scored weight {t.name} {list(t.module.weight.shape)} is {found} in the "
-                                   f"checkpoint; spinctl needs weights stored as the model uses them")
+            raise UnsupportedError(
+                f"{model_path}: scored weight {t.name} {list(t.module.weight.shape)} is {found} in the "
+                f"checkpoint; spinctl needs weights stored as the model uses them"
+            )
 
 
 def write_score_file(cfg: ScoreConfig, entries: dict, rows, ckpt, dtype, shapes: dict, cal) -> dict:
     """The score file (docs/design.md §5) of `entries`, in target order; returns its metadata."""
     meta = score_meta(
-        method=cfg.method.value, nsamples=cfg.nsamples, seed=cfg.seed, keep=cfg.keep, targets=cfg.targets,
-        max_length=cfg.max_length, dtype=str(dtype).removeprefix("torch."), dataset_sha256=rows.sha256,
-        dataset_rows=rows.count, fingerprint=ckpt.fingerprint(), shapes=shapes,
-        samples=len(cal.samples), skipped=cal.skipped, chat_template=cfg.chat_template,
+        method=cfg.method.value,
+        nsamples=cfg.nsamples,
+        seed=cfg.seed,
+        keep=cfg.keep,
+        targets=cfg.targets,
+        max_length=cfg.max_length,
+        dtype=str(dtype).removeprefix("torch."),
+        dataset_sha256=rows.sha256,
+        dataset_rows=rows.count,
+        fingerprint=ckpt.fingerprint(),
+        shapes=shapes,
+        samples=len(cal.samples),
+        skipped=cal.skipped,
+        chat_template=cfg.chat_template,
     )
     if not distributed.context().is_main:
         return meta  # under torchrun rank 0 alone writes: every rank holds the same all-reduced sums

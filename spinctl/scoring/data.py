@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from spinctl.io import untrusted
 from spinctl.errors import InputError
+from spinctl.io import untrusted
 
 BUILTIN_PREFIX = "builtin:"
 JSON_SUFFIXES = {".jsonl", ".ndjson", ".json"}
@@ -66,15 +66,19 @@ def resolve(data: str | Path) -> Path:
     if text.startswith(BUILTIN_PREFIX):
         from importlib.resources import as_file, files
 
-        name = text[len(BUILTIN_PREFIX):]
+        name = text[len(BUILTIN_PREFIX) :]
         res = files("spinctl.builtin") / f"{name}.jsonl"
         if "/" in name or "\\" in name or not name or not res.is_file():
-            raise InputError(f"{text}: no such built-in dataset; available: {', '.join(BUILTIN_PREFIX + n for n in builtin_names())}")
+            raise InputError(
+                f"{text}: no such built-in dataset; available: {', '.join(BUILTIN_PREFIX + n for n in builtin_names())}"
+            )
         with as_file(res) as p:  # a real path for wheels and source trees alike
             return Path(p)
     path = Path(text)
     if not path.exists():
-        raise InputError(f"{path}: no such data file; pass a CSV or JSONL file with prompt and response columns, or builtin:NAME")
+        raise InputError(
+            f"{path}: no such data file; pass a CSV or JSONL file with prompt and response columns, or builtin:NAME"
+        )
     if not path.is_file():
         raise InputError(f"{path}: is not a file; pass a CSV or JSONL file")
     return path
@@ -144,12 +148,15 @@ def read_rows(data: str | Path, prompt_column: str = "prompt", response_column: 
 def select_rows(n_rows: int, nsamples: int, seed: int, path: Path | str = "data") -> np.ndarray:
     """docs/design.md §2: `default_rng(seed).permutation(n_rows)[:nsamples]` (what `datasets` shuffle+select picks)."""
     if nsamples > n_rows:
-        raise InputError(f"{path}: has {n_rows} rows, fewer than --nsamples {nsamples}; lower --nsamples to at most {n_rows}")
+        raise InputError(
+            f"{path}: has {n_rows} rows, fewer than --nsamples {nsamples}; lower --nsamples to at most {n_rows}"
+        )
     return np.random.default_rng(seed).permutation(n_rows)[:nsamples].astype(np.int64)
 
 
-def tokenize(tokenizer, prompts: list[str], responses: list[str], max_length: int,
-             chat_template: bool = False) -> list[tuple[list[int], int]]:
+def tokenize(
+    tokenizer, prompts: list[str], responses: list[str], max_length: int, chat_template: bool = False
+) -> list[tuple[list[int], int]]:
     """(ids, n_prompt) per pair: tokenizer(prompt) with special tokens + tokenizer(response) without.
 
     With `chat_template` the prompt is the user turn of the tokenizer's chat template (with
@@ -158,9 +165,13 @@ def tokenize(tokenizer, prompts: list[str], responses: list[str], max_length: in
     """
     if chat_template:
         if not getattr(tokenizer, "chat_template", None):
-            raise InputError(f"{getattr(tokenizer, 'name_or_path', 'the tokenizer')}: tokenizer has no chat template; drop --chat-template")
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                 for p in prompts]
+            raise InputError(
+                f"{getattr(tokenizer, 'name_or_path', 'the tokenizer')}: tokenizer has no chat template; drop --chat-template"
+            )
+        texts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts
+        ]
         prompt_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     else:
         prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
@@ -189,18 +200,28 @@ def has_response(ids: list[int] | tuple[int, ...], n_prompt: int) -> bool:
 
 def encode(rows: Rows, picked: np.ndarray, tokenizer, max_length: int, chat_template: bool = False) -> Calibration:
     """Tokenize the picked rows; samples without a response token are skipped and counted."""
-    encoded = tokenize(tokenizer, [rows.prompts[i] for i in picked], [rows.responses[i] for i in picked],
-                       max_length, chat_template)
+    encoded = tokenize(
+        tokenizer, [rows.prompts[i] for i in picked], [rows.responses[i] for i in picked], max_length, chat_template
+    )
     samples = [Sample(int(row), tuple(ids), n) for row, (ids, n) in zip(picked, encoded) if has_response(ids, n)]
     if not samples:
-        raise InputError(f"{rows.path}: all {len(picked)} selected samples have no response tokens within "
-                         f"--max-length {max_length}; raise --max-length or check the response column")
+        raise InputError(
+            f"{rows.path}: all {len(picked)} selected samples have no response tokens within "
+            f"--max-length {max_length}; raise --max-length or check the response column"
+        )
     return Calibration(rows, samples, len(picked) - len(samples))
 
 
-def load_calibration(data: str | Path, tokenizer, nsamples: int, seed: int, max_length: int,
-                     chat_template: bool = False, prompt_column: str = "prompt",
-                     response_column: str = "response") -> Calibration:
+def load_calibration(
+    data: str | Path,
+    tokenizer,
+    nsamples: int,
+    seed: int,
+    max_length: int,
+    chat_template: bool = False,
+    prompt_column: str = "prompt",
+    response_column: str = "response",
+) -> Calibration:
     """Read, select and tokenize in one call."""
     rows = read_rows(data, prompt_column, response_column)
     return encode(rows, select_rows(rows.count, nsamples, seed, rows.path), tokenizer, max_length, chat_template)

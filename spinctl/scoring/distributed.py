@@ -21,8 +21,9 @@ import heapq
 import json
 import os
 import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 from spinctl.errors import InputError, SpinctlError, UnsupportedError, one_line
 
@@ -154,12 +155,15 @@ def _init(ctx: DistContext) -> None:
     # the process at exit ("terminate called without an active exception", in 1 run of 3 here; see
     # pytorch/pytorch#190489). Imported first, it holds none. Loading a model imports it anyway.
     import torch._dynamo  # noqa: F401
+
     try:
         dist.init_process_group(_backend(), timeout=timedelta(seconds=timeout_seconds()))
     except Exception as e:  # DistError, RuntimeError, ValueError: all mean "could not join"
-        raise CommunicationError(f"rank {ctx.rank}: cannot join the torch.distributed job of {ctx.world_size} ranks "
-                                 f"({one_line(e)}); check the torchrun --rdzv-endpoint / MASTER_ADDR and that "
-                                 f"every node started") from None
+        raise CommunicationError(
+            f"rank {ctx.rank}: cannot join the torch.distributed job of {ctx.world_size} ranks "
+            f"({one_line(e)}); check the torchrun --rdzv-endpoint / MASTER_ADDR and that "
+            f"every node started"
+        ) from None
     _State.failure_reported = False
     _State.broken = False
 
@@ -235,11 +239,13 @@ def agree(ctx: DistContext, what: str = "", **facts: Any) -> None:
     read different data or models would otherwise sum unrelated statistics."""
     everyone = exchange(ctx, **facts)
     for rank, theirs in enumerate(everyone[1:], start=1):
-        for key, value in facts.items():
+        for key in facts:
             if theirs.get(key) != everyone[0].get(key):
                 _State.failure_reported = True  # every rank sees the same lists and raises the same error
-                raise InputError(f"rank {rank}: {key} {theirs.get(key)!r} differs from rank 0's "
-                                  f"{everyone[0].get(key)!r}{what}; every rank needs the same files and options")
+                raise InputError(
+                    f"rank {rank}: {key} {theirs.get(key)!r} differs from rank 0's "
+                    f"{everyone[0].get(key)!r}{what}; every rank needs the same files and options"
+                )
 
 
 def _collective(ctx: DistContext, call: Callable[[], Any]) -> None:
@@ -247,8 +253,10 @@ def _collective(ctx: DistContext, call: Callable[[], Any]) -> None:
         call()
     except Exception as e:  # DistBackendError, RuntimeError on a closed connection or a timeout
         _State.broken = True  # every rank prints its own view: the one that died may be rank 0
-        raise CommunicationError(f"rank {ctx.rank}: lost contact with the other ranks ({one_line(e)}); a rank died, "
-                                 f"hung for over {timeout_seconds()} s ({TIMEOUT_ENV}) or the network failed") from None
+        raise CommunicationError(
+            f"rank {ctx.rank}: lost contact with the other ranks ({one_line(e)}); a rank died, "
+            f"hung for over {timeout_seconds()} s ({TIMEOUT_ENV}) or the network failed"
+        ) from None
 
 
 def shard_plan(lengths: Sequence[int], world_size: int) -> list[int]:
@@ -309,7 +317,9 @@ def all_reduce_(tensors: dict, ctx: DistContext, bucket_bytes: int = BUCKET_BYTE
         if not t.is_contiguous():
             raise ValueError(f"all_reduce_: tensor {name} is not contiguous")
     plan = _buckets(tensors, bucket_bytes)
-    alone = lambda group: len(group) == 1 and tensors[group[0]].numel() * tensors[group[0]].element_size() >= bucket_bytes  # noqa: E731
+    alone = lambda group: (
+        len(group) == 1 and tensors[group[0]].numel() * tensors[group[0]].element_size() >= bucket_bytes
+    )  # noqa: E731
     buffers = {}  # allocated before the exchange: nothing can fail between it and the collectives
     for group in plan:
         if not alone(group):
@@ -331,7 +341,7 @@ def all_reduce_(tensors: dict, ctx: DistContext, bucket_bytes: int = BUCKET_BYTE
             views, at = [], 0
             for g in group:  # copies into slices of the buffer: no allocation inside the loop
                 n = tensors[g].numel()
-                views.append(flat[at: at + n])
+                views.append(flat[at : at + n])
                 views[-1].copy_(tensors[g].reshape(-1))
                 at += n
             dist.all_reduce(flat)

@@ -3,24 +3,33 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
+from spinctl.config import ScoreConfig
+from spinctl.errors import OutputError, SpinctlError
+from spinctl.io.checkpoint import open_checkpoint
+from spinctl.io.formats import keep_count
+from spinctl.runtime import LoadedModel, load_model
 from spinctl.scoring import data as data_mod
 from spinctl.scoring import distributed
-from spinctl.io.checkpoint import open_checkpoint
-from spinctl.runtime import LoadedModel, load_model
-from spinctl.errors import OutputError, SpinctlError
-from spinctl.io.formats import keep_count
-from spinctl.config import ScoreConfig
-from spinctl.scoring.common import (CPU_BATCH, CUDA_MAX_BATCH, CUDA_TOKENS, LOSS_SCALE_STEP, ScoreSummary, check_checkpoint,
-                                    loss_scale_log2, make_batches, peak_bytes, sync, write_score_file)
+from spinctl.scoring.common import (
+    CPU_BATCH,
+    CUDA_MAX_BATCH,
+    CUDA_TOKENS,
+    LOSS_SCALE_STEP,
+    ScoreSummary,
+    check_checkpoint,
+    loss_scale_log2,
+    make_batches,
+    peak_bytes,
+    sync,
+    write_score_file,
+)
 from spinctl.scoring.methods import METHODS, response_loss
 from spinctl.scoring.targets import decoder_layers, select_targets
 
 Progress = Callable[[int, int], None]  # progress(advance_samples, total); advance < 0 rewinds after an OOM retry
-
-
 
 
 def collate(batch: list, pad_id: int, device):
@@ -44,8 +53,16 @@ def _grad_from_here(module, args, kwargs):
     return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach().requires_grad_()}
 
 
-def run_pass(model, acc, batches: list[list], pad_id: int, device, first_layer, progress: Progress | None = None,
-             loss_scale: float = 1.0) -> None:
+def run_pass(
+    model,
+    acc,
+    batches: list[list],
+    pad_id: int,
+    device,
+    first_layer,
+    progress: Progress | None = None,
+    loss_scale: float = 1.0,
+) -> None:
     """Feed every batch through the model with `acc` hooked in (snip: forward + backward).
 
     No attention mask: with right padding and causal attention no real position sees a
@@ -110,7 +127,9 @@ def _plan(cfg: ScoreConfig, loaded: LoadedModel, targets, samples) -> tuple[int,
     c = loaded.model.config
     D = getattr(c, "hidden_size", 4096)
     inter = getattr(c, "intermediate_size", None) or 4 * D
-    per_token = getattr(c, "num_hidden_layers", 32) * (9 * D + 4 * inter) * loaded.dtype.itemsize + 12 * getattr(c, "vocab_size", 32000)
+    per_token = getattr(c, "num_hidden_layers", 32) * (9 * D + 4 * inter) * loaded.dtype.itemsize + 12 * getattr(
+        c, "vocab_size", 32000
+    )
     per_sample = max(t.module.weight.numel() for t in targets) * loaded.dtype.itemsize  # one [out, in] gradient
     cached = torch.cuda.memory_reserved(loaded.device) - torch.cuda.memory_allocated(loaded.device)  # reusable too
     free = (torch.cuda.mem_get_info(loaded.device)[0] + cached) * 0.85
@@ -119,8 +138,9 @@ def _plan(cfg: ScoreConfig, loaded: LoadedModel, targets, samples) -> tuple[int,
     return batch, max(longest, min(CUDA_TOKENS, int(free // per_token)))
 
 
-def _accumulate(cfg: ScoreConfig, loaded: LoadedModel, acc, targets, samples, progress: Progress | None,
-                loss_scale: float = 1.0) -> int:
+def _accumulate(
+    cfg: ScoreConfig, loaded: LoadedModel, acc, targets, samples, progress: Progress | None, loss_scale: float = 1.0
+) -> int:
     """The whole pass, restarted with half the batch after a CUDA out-of-memory in auto mode.
     Returns the largest batch used."""
     import torch
@@ -144,8 +164,10 @@ def _accumulate(cfg: ScoreConfig, loaded: LoadedModel, acc, targets, samples, pr
         except torch.cuda.OutOfMemoryError:
             pass  # handled below, outside the except block, so the failed graph is freed first
         if cfg.batch_size is not None or max(len(b) for b in batches) == 1:
-            raise SpinctlError(f"{cfg.model}: out of GPU memory at --batch-size {batch_size}; lower --batch-size "
-                               f"or --max-length (longest sample: {len(batches[0][0].ids)} tokens)")
+            raise SpinctlError(
+                f"{cfg.model}: out of GPU memory at --batch-size {batch_size}; lower --batch-size "
+                f"or --max-length (longest sample: {len(batches[0][0].ids)} tokens)"
+            )
         acc.reset()
         torch.cuda.empty_cache()
         batch_size = max(1, batch_size // 2)
@@ -161,7 +183,9 @@ def topk_entries(acc, nsamples: int, keep: float, model_path: Path, dtype) -> di
     for name, s in acc.scores(nsamples):
         flat = s.reshape(-1)  # row-major flat index of [out, in]
         if not bool(torch.isfinite(flat).all()):
-            raise SpinctlError(f"{model_path}: tensor {name}: scores overflow (NaN or inf) in {dtype}; retry with --dtype float32")
+            raise SpinctlError(
+                f"{model_path}: tensor {name}: scores overflow (NaN or inf) in {dtype}; retry with --dtype float32"
+            )
         entries[name] = topk_ranked(flat, keep_count(keep, flat.numel()))
     return entries
 
@@ -245,10 +269,14 @@ def _score(cfg: ScoreConfig, progress: Progress | None, loaded: LoadedModel | No
         acc = METHODS[cfg.method]({t.name: t.module for t in targets})
     except torch.cuda.OutOfMemoryError:
         gib = sum(t.module.weight.numel() for t in targets) * 4 / 2**30
-        raise SpinctlError(f"{cfg.model}: no GPU memory left for the fp32 accumulators ({gib:.1f} GiB for "
-                           f"{len(targets)} tensors); narrow --targets or use a larger GPU") from None
+        raise SpinctlError(
+            f"{cfg.model}: no GPU memory left for the fp32 accumulators ({gib:.1f} GiB for "
+            f"{len(targets)} tensors); narrow --targets or use a larger GPU"
+        ) from None
     local = distributed.shard_samples(samples, ctx)  # this rank's share, balanced by tokens
-    distributed.agree(ctx, " (tokenizer)", samples=len(samples), tokens=cal.tokens)  # after the load: fail before the pass
+    distributed.agree(
+        ctx, " (tokenizer)", samples=len(samples), tokens=cal.tokens
+    )  # after the load: fail before the pass
     sync(device)
     t_pass = time.perf_counter()
     scale_log2 = loss_scale_log2(loaded.dtype) if acc.needs_grad else 0
@@ -264,16 +292,37 @@ def _score(cfg: ScoreConfig, progress: Progress | None, loaded: LoadedModel | No
             progress(-len(local), len(local))
     acc.unscale_(2.0**scale_log2)
     if not ctx.is_main:  # rank 0 takes the top-K and writes the file
-        return ScoreSummary(None, cfg.method.value, len(local), sum(len(s.ids) for s in local),
-                            round(time.perf_counter() - t0, 3), str(device), batch_size, rank=ctx.rank).to_dict()
+        return ScoreSummary(
+            None,
+            cfg.method.value,
+            len(local),
+            sum(len(s.ids) for s in local),
+            round(time.perf_counter() - t0, 3),
+            str(device),
+            batch_size,
+            rank=ctx.rank,
+        ).to_dict()
 
     entries = topk_entries(acc, len(samples), cfg.keep, cfg.model, loaded.dtype)
     sync(device)
     pass_seconds = time.perf_counter() - t_pass
 
-    meta = write_score_file(cfg, entries, rows, ckpt, loaded.dtype, {t.name: list(t.module.weight.shape) for t in targets}, cal)
+    meta = write_score_file(
+        cfg, entries, rows, ckpt, loaded.dtype, {t.name: list(t.module.weight.shape) for t in targets}, cal
+    )
     return ScoreSummary(
-        str(cfg.output), cfg.method.value, len(samples), cal.tokens, round(time.perf_counter() - t0, 3), str(device),
-        batch_size, tensors=len(entries), skipped=cal.skipped, tokens_per_s=round(cal.tokens / pass_seconds, 1),
-        peak_memory_bytes=peak_bytes(device), dtype=meta["dtype"], pass_seconds=round(pass_seconds, 3),
-        loss_scale=2**scale_log2).to_dict()
+        str(cfg.output),
+        cfg.method.value,
+        len(samples),
+        cal.tokens,
+        round(time.perf_counter() - t0, 3),
+        str(device),
+        batch_size,
+        tensors=len(entries),
+        skipped=cal.skipped,
+        tokens_per_s=round(cal.tokens / pass_seconds, 1),
+        peak_memory_bytes=peak_bytes(device),
+        dtype=meta["dtype"],
+        pass_seconds=round(pass_seconds, 3),
+        loss_scale=2**scale_log2,
+    ).to_dict()

@@ -20,15 +20,26 @@ import contextlib
 import os
 import time
 
-from spinctl.scoring import data as data_mod
 from spinctl import runtime
-from spinctl.scoring import distributed, layerwise_store
-from spinctl.scoring.common import (CPU_BATCH, CUDA_MAX_BATCH, CUDA_TOKENS, LOSS_SCALE_STEP, ScoreSummary, check_checkpoint,
-                                    loss_scale_log2, make_batches, peak_bytes, sync, write_score_file)
 from spinctl.errors import SpinctlError
-from spinctl.scoring.methods import METHODS, Method, response_loss
+from spinctl.scoring import data as data_mod
+from spinctl.scoring import distributed, layerwise_store
+from spinctl.scoring.common import (
+    CPU_BATCH,
+    CUDA_MAX_BATCH,
+    CUDA_TOKENS,
+    LOSS_SCALE_STEP,
+    ScoreSummary,
+    check_checkpoint,
+    loss_scale_log2,
+    make_batches,
+    peak_bytes,
+    sync,
+    write_score_file,
+)
 from spinctl.scoring.layerwise_model import build_skeleton, call_layer, catch_layer_inputs
 from spinctl.scoring.layerwise_store import Boundaries
+from spinctl.scoring.methods import METHODS, Method, response_loss
 from spinctl.scoring.targets import select_targets
 
 HEAD_BYTES = 256 << 20  # logits and their gradients at the head, per slice of a batch
@@ -53,7 +64,10 @@ def plan_batches(cfg, sk, targets, samples) -> tuple[int, int | None]:
     per_token = 2 * (9 * D + 4 * inter) * item  # one layer's saved activations and their gradients
     per_sample = max(t.module.weight.numel() for t in targets) * (item + 4)  # a per-sample weight gradient, fp32 copy
     layer = max(sum(p.numel() for p in lay.parameters()) for lay in sk.layers) * item
-    outer = max(sum(g[0][0]._parameters[g[0][1]].numel() for g in sk.param_groups(part)) for part in ("embed", "head")) * item
+    outer = (
+        max(sum(g[0][0]._parameters[g[0][1]].numel() for g in sk.param_groups(part)) for part in ("embed", "head"))
+        * item
+    )
     acc = max(sum(t.module.weight.numel() for t in targets if t.layer == i) for i in range(len(sk.layers))) * 4
     dev = sk.device
     fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(dev)  # torch >= 2.6 only
@@ -76,14 +90,18 @@ def check_host_memory(cfg, sk, batches, first: int, pinned: bool) -> None:
     slots = max(2, L - first + 1) if cfg.method is Method.SNIP else 2
     shapes = [(len(b), len(b[0].ids)) for b in batches]  # [B, T]: batches are padded to their first (longest)
     ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-    need = ranks * layerwise_store.activation_bytes(shapes, sk.model.config.hidden_size, sk.dtype.itemsize, slots, pinned)
+    need = ranks * layerwise_store.activation_bytes(
+        shapes, sk.model.config.hidden_size, sk.dtype.itemsize, slots, pinned
+    )
     ram = layerwise_store.host_memory_bytes()
     if need > layerwise_store.HOST_FRACTION * ram:
         per_node = f", {ranks} ranks on this node" if ranks > 1 else ""
-        raise SpinctlError(f"{cfg.model}: --stream would keep about {need / 2**30:.1f} GiB of layer activations in host "
-                           f"memory ({slots} layer boundaries of {sum(n for n, _ in shapes)} samples{per_node}"
-                           f"{', pinned' if pinned else ''}), more than half of this machine's {ram / 2**30:.1f} GiB; "
-                           f"add --spill-dir DIR (a disk with that much room), or lower --nsamples or --max-length")
+        raise SpinctlError(
+            f"{cfg.model}: --stream would keep about {need / 2**30:.1f} GiB of layer activations in host "
+            f"memory ({slots} layer boundaries of {sum(n for n, _ in shapes)} samples{per_node}"
+            f"{', pinned' if pinned else ''}), more than half of this machine's {ram / 2**30:.1f} GiB; "
+            f"add --spill-dir DIR (a disk with that much room), or lower --nsamples or --max-length"
+        )
 
 
 class _Sweeps:
@@ -259,8 +277,10 @@ def score_streamed(cfg, rows, picked, ckpt, progress=None, t0: float | None = No
                     sweeps.backward()
                 break
             except torch.cuda.OutOfMemoryError:
-                raise SpinctlError(f"{cfg.model}: out of GPU memory with --stream at batches of up to {batch_size} "
-                                   f"samples; lower --batch-size or --max-length") from None
+                raise SpinctlError(
+                    f"{cfg.model}: out of GPU memory with --stream at batches of up to {batch_size} "
+                    f"samples; lower --batch-size or --max-length"
+                ) from None
             except _Overflow:  # raised only while the scale is above 1
                 scale_log2 = max(0, scale_log2 - LOSS_SCALE_STEP)
                 for layer in range(len(sk.layers)):
@@ -274,14 +294,37 @@ def score_streamed(cfg, rows, picked, ckpt, progress=None, t0: float | None = No
 
     batch_size = max((len(b) for b in batches), default=0)
     if not ctx.is_main:  # rank 0 took the top-K and writes the file
-        return ScoreSummary(None, cfg.method.value, len(local), sum(len(s.ids) for s in local),
-                            round(time.perf_counter() - t0, 3), str(device), batch_size, rank=ctx.rank,
-                            stream=True).to_dict()
+        return ScoreSummary(
+            None,
+            cfg.method.value,
+            len(local),
+            sum(len(s.ids) for s in local),
+            round(time.perf_counter() - t0, 3),
+            str(device),
+            batch_size,
+            rank=ctx.rank,
+            stream=True,
+        ).to_dict()
     entries = {t.name: sweeps.entries[t.name] for t in targets}  # layer then module order, as in-memory
-    meta = write_score_file(cfg, entries, rows, ckpt, dtype, {t.name: list(t.module.weight.shape) for t in targets}, cal)
+    meta = write_score_file(
+        cfg, entries, rows, ckpt, dtype, {t.name: list(t.module.weight.shape) for t in targets}, cal
+    )
     return ScoreSummary(
-        str(cfg.output), cfg.method.value, len(cal.samples), cal.tokens, round(time.perf_counter() - t0, 3), str(device),
-        batch_size, tensors=len(entries), skipped=cal.skipped, tokens_per_s=round(cal.tokens / pass_seconds, 1),
-        peak_memory_bytes=peak_bytes(device), dtype=meta["dtype"], pass_seconds=round(pass_seconds, 3),
-        loss_scale=2**scale_log2, stream=True, spilled=cfg.spill_dir is not None,
-        activation_peak_bytes=host_peak).to_dict()
+        str(cfg.output),
+        cfg.method.value,
+        len(cal.samples),
+        cal.tokens,
+        round(time.perf_counter() - t0, 3),
+        str(device),
+        batch_size,
+        tensors=len(entries),
+        skipped=cal.skipped,
+        tokens_per_s=round(cal.tokens / pass_seconds, 1),
+        peak_memory_bytes=peak_bytes(device),
+        dtype=meta["dtype"],
+        pass_seconds=round(pass_seconds, 3),
+        loss_scale=2**scale_log2,
+        stream=True,
+        spilled=cfg.spill_dir is not None,
+        activation_peak_bytes=host_peak,
+    ).to_dict()

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spinctl.io.checkpoint import Checkpoint, TensorEntry
 from spinctl.errors import InputError, UnsupportedError
+from spinctl.io.checkpoint import Checkpoint, TensorEntry
 from spinctl.scoring.targets import decoder_layers
 
 SUPPORTED = ("llama", "mistral", "qwen2")  # decoder layers called as layer(hidden, **kwargs) -> hidden
@@ -42,15 +42,19 @@ def read_tensor(entry: TensorEntry, device, dtype):
     import torch
 
     if entry.dtype not in TORCH_DTYPES:
-        raise UnsupportedError(f"{entry.file}: tensor {entry.name} has dtype {entry.dtype}; --stream reads "
-                               f"{', '.join(TORCH_DTYPES)} weights only; score without --stream")
+        raise UnsupportedError(
+            f"{entry.file}: tensor {entry.name} has dtype {entry.dtype}; --stream reads "
+            f"{', '.join(TORCH_DTYPES)} weights only; score without --stream"
+        )
     nbytes = entry.end - entry.begin
     buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
     with open(entry.file, "rb") as f:
         f.seek(entry.begin)
         got = f.readinto(memoryview(buf.numpy()))
     if got != nbytes:
-        raise InputError(f"{entry.file}: tensor {entry.name}: file ends {nbytes - got} bytes early; the shard is truncated")
+        raise InputError(
+            f"{entry.file}: tensor {entry.name}: file ends {nbytes - got} bytes early; the shard is truncated"
+        )
     t = buf.view(getattr(torch, TORCH_DTYPES[entry.dtype])).reshape(entry.shape)
     return t.to(device=device, dtype=dtype)  # CPU and the same dtype: `buf` itself, no copy
 
@@ -86,7 +90,11 @@ class Skeleton:
 
     def _head_names(self) -> set[str]:
         where = {id(m): name for name, m in self.model.named_modules(remove_duplicate=False)}
-        return {f"{where[id(m)]}.{n}".lstrip(".") for m in self.head() for n, _ in m.named_parameters(remove_duplicate=False)}
+        return {
+            f"{where[id(m)]}.{n}".lstrip(".")
+            for m in self.head()
+            for n, _ in m.named_parameters(remove_duplicate=False)
+        }
 
     def load(self, part: int | str) -> None:
         """A part's weights (see `param_groups`) from the shards onto the device."""
@@ -99,11 +107,15 @@ class Skeleton:
                 continue  # loaded already (a tied weight)
             entry = next((self.ckpt.tensors[n] for _, _, n in group if n in self.ckpt.tensors), None)
             if entry is None:
-                raise UnsupportedError(f"{self.path}: the checkpoint lacks {group[0][2]}, which the model needs; "
-                                       f"is it complete and of this architecture?")
+                raise UnsupportedError(
+                    f"{self.path}: the checkpoint lacks {group[0][2]}, which the model needs; "
+                    f"is it complete and of this architecture?"
+                )
             if tuple(entry.shape) != tuple(meta.shape):
-                raise UnsupportedError(f"{self.path}: tensor {entry.name} is stored as {list(entry.shape)}, the model "
-                                       f"needs {list(meta.shape)}; is the config of this checkpoint?")
+                raise UnsupportedError(
+                    f"{self.path}: tensor {entry.name} is stored as {list(entry.shape)}, the model "
+                    f"needs {list(meta.shape)}; is the config of this checkpoint?"
+                )
             p = nn.Parameter(read_tensor(entry, self.device, meta.dtype), requires_grad=False)
             for owner, attr, _ in group:
                 owner._parameters[attr] = p
@@ -125,7 +137,9 @@ class Skeleton:
         norm = getattr(self.model.base_model, "norm", None)
         lm_head = self.model.get_output_embeddings()
         if norm is None or lm_head is None:
-            raise UnsupportedError(f"{self.path}: no final norm or lm_head found; --stream supports {', '.join(SUPPORTED)}")
+            raise UnsupportedError(
+                f"{self.path}: no final norm or lm_head found; --stream supports {', '.join(SUPPORTED)}"
+            )
         return norm, lm_head
 
 
@@ -137,10 +151,14 @@ def build_skeleton(path: Path, ckpt: Checkpoint, tokenizer, device, dtype, trust
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True, **opts)
     except (OSError, ValueError, KeyError, TypeError, ImportError, RecursionError) as e:
-        raise InputError(f"{path}: cannot read config.json ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
+        raise InputError(
+            f"{path}: cannot read config.json ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})"
+        ) from None
     kind = getattr(config, "model_type", None)
     if kind not in SUPPORTED:
-        raise UnsupportedError(f"{path}: --stream supports {', '.join(SUPPORTED)} models, not {kind!r}; score it without --stream")
+        raise UnsupportedError(
+            f"{path}: --stream supports {', '.join(SUPPORTED)} models, not {kind!r}; score it without --stream"
+        )
     with params_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, **opts)
     model.requires_grad_(False)
@@ -149,7 +167,9 @@ def build_skeleton(path: Path, ckpt: Checkpoint, tokenizer, device, dtype, trust
         for name, buf in list(mod._buffers.items()):
             if buf is not None:
                 if buf.device.type == "meta":
-                    raise UnsupportedError(f"{path}: buffer {name} of {type(mod).__name__} has no value off a checkpoint load")
+                    raise UnsupportedError(
+                        f"{path}: buffer {name} of {type(mod).__name__} has no value off a checkpoint load"
+                    )
                 mod._buffers[name] = buf.to(device)
     prefix, layers = decoder_layers(model, path)
     sk = Skeleton(path, model, tokenizer, ckpt, device, dtype, prefix, layers)
@@ -208,7 +228,9 @@ def catch_layer_inputs(sk: Skeleton, ids):
         for i, layer in enumerate(originals):
             sk.layers[i] = layer
     if len(first) != 1 or len(calls) != n:
-        raise UnsupportedError(f"{sk.path}: the model does not call its decoder layers once each, in order; --stream cannot score it")
+        raise UnsupportedError(
+            f"{sk.path}: the model does not call its decoder layers once each, in order; --stream cannot score it"
+        )
     return first[0], calls
 
 

@@ -37,8 +37,10 @@ def activation_bytes(shapes, hidden: int, itemsize: int, slots: int, pinned: boo
 def check_spill_dir(path: Path) -> None:
     """--spill-dir must be an existing directory this process can create files in."""
     if not path.is_dir():
-        raise OutputError(f"--spill-dir {path}: {'not a directory' if path.exists() else 'no such directory'}; "
-                          f"create it or choose another")
+        raise OutputError(
+            f"--spill-dir {path}: {'not a directory' if path.exists() else 'no such directory'}; "
+            f"create it or choose another"
+        )
     if not os.access(path, os.W_OK | os.X_OK):
         raise OutputError(f"--spill-dir {path}: not writable; choose a directory you can write to")
 
@@ -53,7 +55,9 @@ class Boundaries:
         self.device = device
         self.pin = device.type == "cuda"
         self.mem: dict[int, dict[int, object]] = {}
-        self.files: dict[int, tuple[int, dict[int, tuple[int, tuple, object]]]] = {}  # slot -> (fd, batch -> (offset, shape, dtype))
+        self.files: dict[
+            int, tuple[int, dict[int, tuple[int, tuple, object]]]
+        ] = {}  # slot -> (fd, batch -> (offset, shape, dtype))
         self.bytes = self.peak_bytes = 0
         self.dir = None
         if spill_dir is not None:
@@ -63,7 +67,7 @@ class Boundaries:
             except OSError as e:
                 raise OutputError(f"--spill-dir {spill_dir}: cannot create files there ({e.strerror})") from None
 
-    def __enter__(self) -> "Boundaries":
+    def __enter__(self) -> Boundaries:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -97,8 +101,10 @@ class Boundaries:
             while done < nbytes:
                 done += os.pwrite(fd, view[done:], offset + done)
         except OSError as e:
-            raise OutputError(f"--spill-dir {self.dir.parent}: cannot write activations ({e.strerror}); "
-                              f"free {nbytes >> 20} MiB or more there, or choose another directory") from None
+            raise OutputError(
+                f"--spill-dir {self.dir.parent}: cannot write activations ({e.strerror}); "
+                f"free {nbytes >> 20} MiB or more there, or choose another directory"
+            ) from None
         where[batch] = (offset, tuple(t.shape), t.dtype)
 
     def get(self, slot: int, batch: int):
@@ -148,9 +154,11 @@ class Boundaries:
         except (RuntimeError, MemoryError) as e:  # cudaHostAlloc or the CPU allocator
             need = torch.Size(shape).numel() * dtype.itemsize
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise SpinctlError(f"--stream: host memory ran out holding {self.bytes / 2**30:.1f} GiB of layer activations "
-                               f"(another {need >> 20} MiB{' pinned' if self.pin else ''}: {first}); add --spill-dir DIR "
-                               f"to keep them in files on a disk with room") from None
+            raise SpinctlError(
+                f"--stream: host memory ran out holding {self.bytes / 2**30:.1f} GiB of layer activations "
+                f"(another {need >> 20} MiB{' pinned' if self.pin else ''}: {first}); add --spill-dir DIR "
+                f"to keep them in files on a disk with room"
+            ) from None
 
     def _file(self, slot: int):
         if slot not in self.files:

@@ -8,7 +8,8 @@ which turns it into score tensors [out, in]. Running the model is the caller's j
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from spinctl.config import Method
 from spinctl.errors import UnsupportedError
@@ -23,8 +24,10 @@ class Accumulator:
         import torch
 
         self.modules = modules  # weight tensor name -> nn.Linear (weight [out, in])
-        self.acc = {name: torch.zeros(self.stat_shape(m), dtype=torch.float32, device=m.weight.device)
-                    for name, m in modules.items()}
+        self.acc = {
+            name: torch.zeros(self.stat_shape(m), dtype=torch.float32, device=m.weight.device)
+            for name, m in modules.items()
+        }
         self._handles: list = []
         self._batch = 0  # samples in the current batch
         self._calls: dict[str, int] = {}
@@ -32,7 +35,7 @@ class Accumulator:
     def stat_shape(self, module) -> tuple[int, ...]:
         raise NotImplementedError
 
-    def attach(self) -> "Accumulator":
+    def attach(self) -> Accumulator:
         for name, m in self.modules.items():
             self._handles.append(m.register_forward_hook(self._hook_for(name)))
         return self
@@ -42,7 +45,7 @@ class Accumulator:
             h.remove()
         self._handles.clear()
 
-    def __enter__(self) -> "Accumulator":
+    def __enter__(self) -> Accumulator:
         return self.attach()
 
     def __exit__(self, *exc) -> None:
@@ -73,8 +76,11 @@ class Accumulator:
             # A module called twice per forward (shared weights) would mix two gradients before abs.
             self._calls[name] = self._calls.get(name, 0) + 1
             if self._calls[name] > 1:
-                raise UnsupportedError(f"module {name[: -len('.weight')]} runs more than once per forward (shared weights); spinctl cannot score it")
+                raise UnsupportedError(
+                    f"module {name[: -len('.weight')]} runs more than once per forward (shared weights); spinctl cannot score it"
+                )
             self.on_forward(name, args[0], output)
+
         return hook
 
     def _per_sample(self, name: str, x):
@@ -83,7 +89,9 @@ class Accumulator:
             return x
         if x.dim() == 2 and self._batch == 1:
             return x.unsqueeze(0)
-        raise UnsupportedError(f"module {name[: -len('.weight')]} mixes tokens of several samples (input shape {list(x.shape)}); score with --batch-size 1")
+        raise UnsupportedError(
+            f"module {name[: -len('.weight')]} mixes tokens of several samples (input shape {list(x.shape)}); score with --batch-size 1"
+        )
 
     def on_forward(self, name: str, x, output) -> None:
         raise NotImplementedError
@@ -146,7 +154,9 @@ class WandaAccumulator(Accumulator):
             self.acc[name] += self._last[1]
             return
         if x.dim() != 3 or x.shape[0] != self._batch:
-            raise UnsupportedError(f"module {name[: -len('.weight')]} mixes tokens of several samples (input shape {list(x.shape)}); wanda needs per-position inputs")
+            raise UnsupportedError(
+                f"module {name[: -len('.weight')]} mixes tokens of several samples (input shape {list(x.shape)}); wanda needs per-position inputs"
+            )
         xr = x.reshape(-1, x.shape[-1]).index_select(0, self._rows).float()  # [N, in]
         s = xr.square().sum(0)  # [in] (einsum "ni,ni->i" runs as a slow batched dot on CPU)
         self.acc[name] += s

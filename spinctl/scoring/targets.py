@@ -14,10 +14,40 @@ REGEX_PREFIX = "re:"
 # A Linear is classified by the first path component that names a block, else by its own name.
 ATTN_PARTS = {"self_attn", "attn", "attention", "self_attention", "mixer"}
 MLP_PARTS = {"mlp", "ffn", "feed_forward", "feedforward", "block_sparse_moe", "moe"}
-ATTN_LEAVES = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "out_proj", "query", "key", "value",
-               "query_key_value", "c_attn", "wq", "wk", "wv", "wo", "Wqkv"}
-MLP_LEAVES = {"gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2", "fc_in", "fc_out", "c_fc",
-              "w1", "w2", "w3", "dense_h_to_4h", "dense_4h_to_h"}
+ATTN_LEAVES = {
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "qkv_proj",
+    "out_proj",
+    "query",
+    "key",
+    "value",
+    "query_key_value",
+    "c_attn",
+    "wq",
+    "wk",
+    "wv",
+    "wo",
+    "Wqkv",
+}
+MLP_LEAVES = {
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "gate_up_proj",
+    "fc1",
+    "fc2",
+    "fc_in",
+    "fc_out",
+    "c_fc",
+    "w1",
+    "w2",
+    "w3",
+    "dense_h_to_4h",
+    "dense_4h_to_h",
+}
 
 
 def check_spec(spec: str) -> None:
@@ -30,7 +60,7 @@ def parse_spec(spec: str) -> tuple[str, re.Pattern | None]:
         return spec, None
     if spec.startswith(REGEX_PREFIX):
         try:
-            return "re", re.compile(spec[len(REGEX_PREFIX):])
+            return "re", re.compile(spec[len(REGEX_PREFIX) :])
         except re.error as e:
             raise UsageError(f"--targets {spec!r}: invalid regular expression ({e})") from None
     raise UsageError(f"--targets {spec!r}: expected mlp, attn, all or re:REGEX")
@@ -71,8 +101,10 @@ def decoder_layers(model, model_path: Path | str = "model") -> tuple[str, Any]:
         return exact[0]  # named_modules is pre-order: the first is the shallowest
     if found:
         return max(found, key=lambda f: len(f[1]))
-    raise UnsupportedError(f"{model_path}: no decoder layers (a ModuleList of blocks with nn.Linear) found; "
-                           f"spinctl scores decoder-only transformer language models")
+    raise UnsupportedError(
+        f"{model_path}: no decoder layers (a ModuleList of blocks with nn.Linear) found; "
+        f"spinctl scores decoder-only transformer language models"
+    )
 
 
 def select_targets(model, spec: str, model_path: Path | str = "model") -> list[Target]:
@@ -91,6 +123,8 @@ def select_targets(model, spec: str, model_path: Path | str = "model") -> list[T
             if kind == "all" or (regex is not None and regex.search(name)) or kind == kind_of(rel):
                 out.append(Target(name, i, mod))
     if not out:
-        raise InputError(f"--targets {spec!r} matches no Linear weight in the decoder layers of {model_path} "
-                         f"(they are named like {', '.join(seen[:4])})")
+        raise InputError(
+            f"--targets {spec!r} matches no Linear weight in the decoder layers of {model_path} "
+            f"(they are named like {', '.join(seen[:4])})"
+        )
     return out

@@ -41,16 +41,19 @@ def check_gguf(path: Path):
     except (ValueError, IndexError, OSError, RecursionError) as e:  # truncated or corrupt header/tensor table
         raise InputError(f"{path}: cannot read the GGUF file ({one_line(e)})") from None
     if arch not in ARCHITECTURES:
-        raise UnsupportedError(f"{path}: architecture {arch!r} cannot be converted; "
-                               f"supported: {', '.join(ARCHITECTURES)}")
+        raise UnsupportedError(
+            f"{path}: architecture {arch!r} cannot be converted; supported: {', '.join(ARCHITECTURES)}"
+        )
     # gguf keeps its dequantizers in a private table; without it, conversion itself reports the type.
     traits = getattr(gguf.quants, "_type_traits", None)
     if traits is not None:
         plain = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
         for t in reader.tensors:
             if t.tensor_type not in traits and t.tensor_type not in plain:
-                raise UnsupportedError(f"{path}: tensor {t.name} is quantized as {t.tensor_type.name}, "
-                                       "which the gguf package cannot dequantize")
+                raise UnsupportedError(
+                    f"{path}: tensor {t.name} is quantized as {t.tensor_type.name}, "
+                    "which the gguf package cannot dequantize"
+                )
     return reader, arch
 
 
@@ -89,8 +92,10 @@ def convert_gguf(gguf_file: Path, output: Path, dtype: str = "float32", max_shar
         expected.discard("lm_head.weight")  # tied: stored once, as the embedding
     missing = sorted(expected - set(tensors))
     if missing:
-        raise UnsupportedError(f"{gguf_file}: no GGUF tensor for {missing[0]} ({len(missing)} missing); "
-                               "the file's tensor names do not map to this architecture")
+        raise UnsupportedError(
+            f"{gguf_file}: no GGUF tensor for {missing[0]} ({len(missing)} missing); "
+            "the file's tensor names do not map to this architecture"
+        )
     state = {k: v.to(getattr(torch, dtype)).contiguous() for k, v in tensors.items() if k in expected}
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
@@ -102,8 +107,13 @@ def convert_gguf(gguf_file: Path, output: Path, dtype: str = "float32", max_shar
         generation.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return {
-        "gguf": str(gguf_file), "output": str(output), "architecture": arch, "model_type": config.model_type,
-        "tensors": len(state), "parameters": int(sum(v.numel() for v in state.values())), "dtype": dtype,
+        "gguf": str(gguf_file),
+        "output": str(output),
+        "architecture": arch,
+        "model_type": config.model_type,
+        "tensors": len(state),
+        "parameters": int(sum(v.numel() for v in state.values())),
+        "dtype": dtype,
         "chat_template": bool(getattr(tokenizer, "chat_template", None)),
         "seconds": round(time.perf_counter() - t0, 3),
     }

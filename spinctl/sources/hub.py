@@ -33,5 +33,7 @@ def resolve_model(spec: str | Path) -> Path:
     except (LocalEntryNotFoundError, HFValidationError, FileNotFoundError, OSError):
         where = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}"
         revision = f" at revision {rev}" if rev else ""
-        raise InputError(f"{spec}: no such directory, and {repo}{revision} is not in the Hugging Face cache "
-                         f"(looked in {where}); download it first or give a local directory") from None
+        raise InputError(
+            f"{spec}: no such directory, and {repo}{revision} is not in the Hugging Face cache "
+            f"(looked in {where}); download it first or give a local directory"
+        ) from None
