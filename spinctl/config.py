@@ -172,12 +172,12 @@ class OptionError(UsageError):
 
     def __init__(self, name: str, value: Any, problem: str):
         self.name, self.value, self.problem = name, value, problem
-        super().__init__(
-            f"{flag_name(name)}{'' if value is None else ' ' + short(value)}: {problem.format_map(_Names(flag_name))}"
-        )
+        super().__init__(self.render(flag_name))
 
     def render(self, namer: Callable[[str], str]) -> str:
-        return f"{namer(self.name)} {self.problem.format_map(_Names(namer))}"
+        """The message with options named by `namer` (field name -> flag or YAML key)."""
+        value = "" if self.value is None else " " + short(self.value)
+        return f"{namer(self.name)}{value}: {self.problem.format_map(_Names(namer))}"
 
 
 class _Names(dict):
@@ -327,7 +327,7 @@ class SelectConfig:
             raise OptionError(
                 "mode",
                 self.mode,
-                f"reference takes exactly two coupled score files (privacy, then fairness), got {len(self.couple)}",
+                f"takes exactly two coupled score files (privacy, then fairness), got {len(self.couple)}",
             )
 
 

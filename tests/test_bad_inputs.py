@@ -930,10 +930,10 @@ def revert_other_file_links_outside(w, tmp):
     return ["revert", d, tmp / "restored"], [d / "notes.txt"]
 
 
-@case
+@usage  # a combination of options the mode refuses: a usage error, like an option out of range
 def reference_mode_one_couple(w, tmp):
     r, c = w.file(tmp, "r"), w.file(tmp, "c")
-    return w.select_argv(tmp, r, c, "--mode", "reference"), ["reference", "--couple"]
+    return w.select_argv(tmp, r, c, "--mode", "reference"), ["--mode reference", "exactly two coupled"]
 
 
 # ---- usage errors: exit 2 -----------------------------------------------------------------
@@ -1005,6 +1005,7 @@ def test_bad_input(outcomes, name):
         assert_clean_failure(r, expect)
     else:
         assert r.returncode == code and "Traceback" not in r.stdout + r.stderr, (r.returncode, r.stdout + r.stderr)
+        assert all(str(e) in r.stderr for e in expect), (expect, r.stderr)
     after = tree(tmp)
     # no output, no temporary, every input byte-identical: the whole tree is as it was
     changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
