@@ -121,8 +121,30 @@ def judge_rates(answers: dict[str, list[str]], questions: dict[str, list[str]]) 
             "n": aware + unaware,
             "ci_low": lo,
             "ci_high": hi,
+            "verdicts": [v.value for v in verdicts],
         }
     return out
+
+
+def mcnemar(b: int, c: int) -> float:
+    """Exact two-sided McNemar p-value: b and c are the discordant pairs (binomial, p = 1/2)."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def paired(rows: list[dict]) -> None:
+    """Each judged row against the original on the same questions: answers that turned aware
+    (gained) or unaware (lost), and McNemar's exact p; questions unjudgeable in either are left out."""
+    base = rows[0]["judged"]
+    for r in rows[1:]:
+        for name, j in r["judged"].items():
+            pairs = [(o, v) for o, v in zip(base[name]["verdicts"], j["verdicts"]) if "unjudgeable" not in (o, v)]
+            gained = sum(o == "unaware" and v == "aware" for o, v in pairs)
+            lost = sum(o == "aware" and v == "unaware" for o, v in pairs)
+            j["vs_original"] = {"gained": gained, "lost": lost, "p": mcnemar(gained, lost)}
 
 
 def run_group(model, tok, cfg, inputs, settings, questions, args, log, base_ppl=None) -> list[dict]:
@@ -162,7 +184,9 @@ def table(rows: list[dict], pair_names: list[str]) -> str:
             cells.append(f"{a['accuracy']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}]")
         for key in ("salad_privacy", "salad_fairness"):
             j = r["judged"].get(key)
-            cells.append(f"{j['rate']:.3f} [{j['ci_low']:.3f}, {j['ci_high']:.3f}]" if j else "–")
+            vs = j.get("vs_original") if j else None
+            paired_p = f" +{vs['gained']}/−{vs['lost']} p={vs['p']:.2g}" if vs else ""
+            cells.append(f"{j['rate']:.3f} [{j['ci_low']:.3f}, {j['ci_high']:.3f}]{paired_p}" if j else "–")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -272,6 +296,7 @@ def write_outputs(rows: list[dict], meta: dict, workdir: Path) -> None:
     from spinctl.evaluation import sweep, sweep_report
 
     budget = sweep.DEFAULT_BUDGET
+    paired(rows)
     for r in rows:
         r["best"] = False
         if r["method"] != "snip" and not r["setting"].endswith(f"({r['method']})"):
