@@ -1,4 +1,4 @@
-"""`spinctl demo`: the whole pipeline on a tiny random Llama and the built-in calibration sets, nothing to download."""
+"""`spinctl demo --tiny`: the whole pipeline on a tiny random Llama and the built-in calibration sets, nothing to download."""
 
 from __future__ import annotations
 
