@@ -284,10 +284,18 @@ class ScoreConfig:
         object.__setattr__(self, "output", Path(self.output))
         object.__setattr__(self, "data", str(self.data))
         validate(self)
-        from spinctl.runtime import check_rank_device
         from spinctl.scoring import distributed
 
-        check_rank_device(self.device, distributed.context().world_size)
+        ranks = distributed.context().world_size
+        if ranks > 1 and re.fullmatch(r"cuda:\d+", self.device):
+            # Each rank takes cuda:LOCAL_RANK (runtime.resolve_device); a fixed cuda:N would put
+            # every rank of the job on that one GPU, contending for its memory.
+            raise OptionError(
+                "device",
+                self.device,
+                f"under torchrun ({ranks} ranks) every rank would use that one GPU; use {{device}} cuda or auto "
+                f"(each rank takes cuda:LOCAL_RANK), or limit GPUs with CUDA_VISIBLE_DEVICES",
+            )
         if self.spill_dir is not None:
             if not self.stream:
                 raise OptionError("spill_dir", self.spill_dir, "applies to {stream} only; add {stream}")

@@ -5,7 +5,6 @@ imported inside the functions: checking a --device string must not load them."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,16 +25,6 @@ def check_device(device: object, flag: str = "--device") -> str:
         return valid(device)
     except ValueError:
         raise UsageError(f"{flag} {device!r}: expected {DEVICES}") from None
-
-
-def check_rank_device(device: str, world_size: int, flag: str = "--device") -> None:
-    """Under torchrun each rank takes cuda:LOCAL_RANK (score.resolve_device); a fixed cuda:N would
-    put every rank of the job on that one GPU, contending for its memory."""
-    if world_size > 1 and re.fullmatch(r"cuda:\d+", device):
-        raise UsageError(
-            f"{flag} {device}: under torchrun ({world_size} ranks) every rank would use that one GPU; "
-            f"use --device cuda or auto (each rank takes cuda:LOCAL_RANK), or limit GPUs with CUDA_VISIBLE_DEVICES"
-        )
 
 
 @dataclass

@@ -46,10 +46,20 @@ def test_torchrun_refuses_a_fixed_gpu(monkeypatch, tmp_path, device):
 
     for k, v in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}.items():
         monkeypatch.setenv(k, v)
-    with pytest.raises(UsageError, match=rf"--device {device}.*torchrun.*cuda:LOCAL_RANK"):
+    with pytest.raises(UsageError, match=rf"--device '{device}': under torchrun.*cuda:LOCAL_RANK"):
         ScoreConfig(model=tmp_path, data="builtin:general", output=tmp_path / "s.safetensors", device=device)
     for ok in ("auto", "cuda", "cpu"):
         ScoreConfig(model=tmp_path, data="builtin:general", output=tmp_path / "s.safetensors", device=ok)
+    # From spin.yaml the same rule names the key, not the flag.
+    from spinctl.errors import InputError
+    from spinctl.runconfig import load_run_config
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "spin.yaml").write_text(
+        f"model: m\noutput: o\nretain: r.csv\ncouple: [c.csv]\nscore: {{device: '{device}'}}\n"
+    )
+    with pytest.raises(InputError, match=rf"score\.device '{device}': under torchrun .* use score\.device cuda or auto"):
+        load_run_config(tmp_path / "spin.yaml")
 
 
 def test_torchrun_fixed_gpu_cli_exit_2(tmp_path):
