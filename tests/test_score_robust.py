@@ -58,7 +58,9 @@ def test_torchrun_refuses_a_fixed_gpu(monkeypatch, tmp_path, device):
     (tmp_path / "spin.yaml").write_text(
         f"model: m\noutput: o\nretain: r.csv\ncouple: [c.csv]\nscore: {{device: '{device}'}}\n"
     )
-    with pytest.raises(InputError, match=rf"score\.device '{device}': under torchrun .* use score\.device cuda or auto"):
+    with pytest.raises(
+        InputError, match=rf"score\.device '{device}': under torchrun .* use score\.device cuda or auto"
+    ):
         load_run_config(tmp_path / "spin.yaml")
 
 
