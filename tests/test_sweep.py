@@ -139,19 +139,17 @@ def test_sweep_equals_patched_checkpoint(setup, tmp_path):
         assert judged["rate"] == row["judged"]["questions"], row["setting"]
 
 
+def sweep_argv(s: dict) -> list:
+    """`spinctl sweep MODEL --retain R --couple A --couple B` for the setup's files."""
+    return ["sweep", s["model"], "--retain", s["retain"], "--couple", s["a"], "--couple", s["b"]]
+
+
 def test_sweep_cli_equals_patch_and_eval_cli(setup, tmp_path):
     """The same check through the commands a user runs: sweep --json, patch, eval --pairs, ppl."""
     s = setup
     common = ["--device", "cpu", "--dtype", "float32", "--batch-size", "4", "--resamples", "300"]
     r = cli(
-        "sweep",
-        s["model"],
-        "--retain",
-        s["retain"],
-        "--couple",
-        s["a"],
-        "--couple",
-        s["b"],
+        *sweep_argv(s),
         "--p",
         "0.01",
         "--q",
@@ -293,14 +291,7 @@ def test_json_table_and_plot(setup, tmp_path):
     s = setup
     png = tmp_path / "sweep.png"
     r = cli(
-        "sweep",
-        s["model"],
-        "--retain",
-        s["retain"],
-        "--couple",
-        s["a"],
-        "--couple",
-        s["b"],
+        *sweep_argv(s),
         "--p",
         "0.01",
         "--q",
