@@ -100,15 +100,13 @@ def check_enum(enum: type[Enum]) -> Callable:
     return check_choice(*(m.value for m in enum), enum=enum)
 
 
-def check_path(none_ok: bool = True) -> Callable:
-    def check(v):
-        if v is None and none_ok:
-            return None
-        if isinstance(v, (str, Path)) and str(v).strip():
-            return Path(v)
-        raise ValueError("must be a path")
-
-    return check
+def check_path(v):
+    """An optional path: None stays unset."""
+    if v is None:
+        return None
+    if isinstance(v, (str, Path)) and str(v).strip():
+        return Path(v)
+    raise ValueError("must be a path")
 
 
 def check_batch(v):
@@ -273,7 +271,7 @@ class ScoreConfig:
     spill_dir: Path | None = option(
         None,
         "with stream: keep the layer activations in files under DIR (removed afterwards) instead of host memory",
-        check_path(),
+        check_path,
         metavar="DIR",
         cli=Path,
         relative=True,
@@ -389,16 +387,16 @@ class EvalConfig:
     judge_model: Path | None = option(
         None,
         "local causal LM whose first line of answer is read as safe/unsafe",
-        check_path(),
+        check_path,
         metavar="DIR",
         cli=Path,
         relative=True,
     )
     judge_template: Path | None = option(
-        None, "template with `{question}` and `{answer}`", check_path(), metavar="FILE", cli=Path, relative=True
+        None, "template with `{question}` and `{answer}`", check_path, metavar="FILE", cli=Path, relative=True
     )
     save: Path | None = option(
-        None, "write question, answer, verdict per line (JSONL)", check_path(), metavar="FILE", cli=Path, relative=True
+        None, "write question, answer, verdict per line (JSONL)", check_path, metavar="FILE", cli=Path, relative=True
     )
     device: str = option("auto", "as for score", check_device, metavar="auto|cpu|cuda[:i]")
     dtype: str = option("auto", "as for score", check_choice(*DTYPES), metavar="auto|float32|bfloat16|float16")

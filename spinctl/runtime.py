@@ -16,7 +16,7 @@ from spinctl.scoring import distributed
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
-def check_device(device: object, flag: str = "--device") -> str:
+def check_device(device: object) -> str:
     """The value itself when it is auto, cpu, cuda or cuda:N (the check of config.py), else a usage error."""
     from spinctl.config import DEVICES
     from spinctl.config import check_device as valid
@@ -24,7 +24,7 @@ def check_device(device: object, flag: str = "--device") -> str:
     try:
         return valid(device)
     except ValueError:
-        raise UsageError(f"{flag} {device!r}: expected {DEVICES}") from None
+        raise UsageError(f"--device {device!r}: expected {DEVICES}") from None
 
 
 @dataclass
