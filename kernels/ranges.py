@@ -3,6 +3,8 @@
 import numpy as np
 from numba import njit
 
+from . import native
+
 
 @njit(cache=True)
 def _coalesce(idx, itemsize, base):
@@ -39,4 +41,4 @@ def coalesce_ranges(flat_indices, itemsize, base) -> tuple[np.ndarray, np.ndarra
     itemsize, base = int(itemsize), int(base)
     if itemsize <= 0 or base < 0:
         raise ValueError(f"itemsize must be > 0 and base >= 0, got {itemsize} and {base}")
-    return _coalesce(idx, itemsize, base)
+    return native.coalesce(idx, itemsize, base)

@@ -3,6 +3,8 @@
 import numpy as np
 from numba import njit
 
+from . import native
+
 GALLOP = 4  # size ratio from which galloping beats the branchless merge (measured: 3M-element sets)
 
 
@@ -111,11 +113,11 @@ def _isin(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     # A merge step costs about as much as a galloping step, and galloping takes ~2 log2(ratio)
     # steps per element of the smaller set: it wins once the sizes differ by GALLOP or more.
     if nb >= GALLOP * na:
-        _isin_gallop_a(a, b, mask)
+        native.isin_gallop_a(a, b, mask)
     elif na >= GALLOP * nb:
-        _isin_gallop_b(a, b, mask)
+        native.isin_gallop_b(a, b, mask)
     else:
-        _isin_merge(a, b, mask)
+        native.isin_merge(a, b, mask)
     return mask
 
 
@@ -129,15 +131,15 @@ def intersect_sorted(a, b) -> np.ndarray:
     a, b = _as_set(a), _as_set(b)
     if a.size > b.size:  # scan the smaller set: its mask is all the work when sizes differ
         a, b = b, a
-    return _compress(a, _isin(a, b), True)
+    return native.compress(a, _isin(a, b), True)
 
 
 def difference_sorted(a, b) -> np.ndarray:
     """a minus b, sorted ascending. Both sorted ascending, unique."""
     a, b = _as_set(a), _as_set(b)
-    return _compress(a, _isin(a, b), False)
+    return native.compress(a, _isin(a, b), False)
 
 
 def is_sorted_unique(a) -> bool:
     """Whether a is strictly increasing (sorted ascending, no repeats)."""
-    return bool(_is_sorted_unique(_as_set(a)))
+    return bool(native.is_sorted_unique(_as_set(a)))

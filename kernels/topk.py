@@ -3,6 +3,8 @@
 import numpy as np
 from numba import njit
 
+from . import native
+
 # Scores are compared through their float32 bit patterns viewed as int32: for positive
 # floats the order of the bits is the order of the values, negative floats (and -0.0)
 # have the sign bit set (negative int32), +inf is 0x7F800000 and NaNs lie above it.
@@ -161,10 +163,10 @@ def topk_indices(scores, k) -> np.ndarray:
         return np.empty(0, np.int64)
     cap = max(4 * k, 1 << 20)
     if v.size >= _MIN_SAMPLED:
-        ok, out = _topk_sampled(v, k, cap)
+        ok, out = native.topk_sampled(v, k, cap)
         if ok:
             return out
-    return _topk_core(v, k, cap)
+    return native.topk_core(v, k, cap)
 
 
 @njit(cache=True)
@@ -193,7 +195,7 @@ def rank_prefix(indices, scores, k) -> np.ndarray:
     k = int(k)
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
-    return _prefix(*_entry(indices, scores), k)
+    return native.prefix(*_entry(indices, scores), k)
 
 
 def prefix_set(indices, scores, k) -> np.ndarray:
@@ -237,7 +239,7 @@ def check_ranked(indices, scores, n) -> int:
     indices = np.ascontiguousarray(indices, dtype=np.int64).reshape(-1)
     scores = np.ascontiguousarray(scores, dtype=np.float32).reshape(-1)
     m = min(indices.size, scores.size)
-    bad = int(_check_ranked(indices[:m], scores[:m], int(n)))
+    bad = int(native.check_ranked(indices[:m], scores[:m], int(n)))
     if bad < 0 and indices.size != scores.size:
         return m
     return bad
