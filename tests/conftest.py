@@ -5,10 +5,32 @@ Running the CLI is not a fixture: `from clirun import cli` (tests/clirun.py says
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+
+
+def pytest_configure(config):
+    # Without usable compiled kernels (a checkout never built, or a kernel edited since: `make
+    # install` builds them) every spinctl run would print the fallback notice, and the tests that
+    # count stderr lines would count it too: run the JIT on purpose instead, and say so.
+    from spinctl_kernels import native
+
+    module, why = native.probe()
+    if module is None and why is not None:
+        os.environ[native.ENV] = "jit"
+        config.stash[KERNELS] = f"numba JIT (compiled kernels {why})"
+    else:
+        config.stash[KERNELS] = "numba JIT (SPINCTL_KERNELS=jit)" if module is None else "compiled ahead of time"
+
+
+def pytest_report_header(config):
+    return f"spinctl kernels: {config.stash[KERNELS]}"
+
+
+KERNELS = pytest.StashKey[str]()
 
 TEXTS = [
     f"{a} {b} the {c} near {d}, and {e} asked about it number {i}."
