@@ -10,12 +10,17 @@ STAMP   := $(VENV)/.installed
 install: $(STAMP)
 
 # CPU build of torch where no GPU is present (a plain `torch` pulls a multi-GB CUDA build).
-$(STAMP): pyproject.toml
+# numba and numpy before the editable install: without build isolation they are the build
+# environment that compiles the kernels in place (setup.py), and the check after it makes a
+# failed compile an install error here, not a silent JIT fallback in the tests.
+$(STAMP): pyproject.toml setup.py kernels/*.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q --upgrade pip setuptools wheel numba numpy
 	if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch; \
 	else $(BIN)/pip install -q torch==2.13.0 ; fi
 	$(BIN)/pip install -q --no-build-isolation -e '.[test,gguf,plot]'
+	$(BIN)/python -c "import sys; from spinctl_kernels import native; m, why = native.probe(); \
+	    m or sys.exit(f'error: kernels not compiled ahead of time ({why}); pip install -v shows the build log')"
 	touch $(STAMP)
 
 # Lint and format check first (seconds), then the tests.
@@ -39,6 +44,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_score.py
 	$(BIN)/python benchmarks/bench_stream.py
 	$(BIN)/python benchmarks/bench_distributed.py
+	$(BIN)/python benchmarks/bench_coldstart.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache kernels/_compiled.*
