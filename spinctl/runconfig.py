@@ -229,6 +229,8 @@ def load_run_config(path: Path, overrides: list[str] = ()) -> RunConfig:
     target = output if output is not None else model
     report_dir = Path(_rel(base, report.pop("dir"))) if "dir" in report else target.with_name(target.name + ".report")
     report = _typed(path, "report", lambda: ReportConfig(report_dir, target, Path(), Path(), (), **report))
+    if report.card and target.is_file():
+        raise InputError(f"{path}: report.card needs a model directory; {target} is a lone weight file (no README.md)")
     return RunConfig(
         model=model,
         output=output,

@@ -261,3 +261,19 @@ def test_card_refuses_a_readme_edited_in_its_original_part(run_out, tmp_path):
     assert (w.patched / "spin-manifest.json").read_bytes() == before and not (tmp_path / "rep").exists()
     r = cli("revert", w.patched, "--in-place")  # nothing restored: the README's original is gone
     assert_clean_failure(r, ["README.md"])
+
+
+def test_run_config_report_section(tmp_path):
+    from spinctl.errors import InputError
+    from spinctl.runconfig import load_run_config
+
+    (tmp_path / "m.safetensors").write_bytes(b"")
+    y = tmp_path / "spin.yaml"
+    y.write_text("model: m.safetensors\nretain: r.csv\ncouple: [a.csv]\npatch: {in_place: true}\n")
+    assert load_run_config(y).report.output == tmp_path / "m.safetensors.report"
+    cfg = load_run_config(y, ["report.dir=rep", "report.bins=10"])
+    assert (cfg.report.output, cfg.report.bins) == (tmp_path / "rep", 10)
+    with pytest.raises(InputError, match=r"report\.bins must be an integer >= 2"):
+        load_run_config(y, ["report.bins=1"])
+    with pytest.raises(InputError, match=r"report\.card needs a model directory"):
+        load_run_config(y, ["report.card=true"])
