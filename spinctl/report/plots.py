@@ -105,7 +105,10 @@ def _bars(rows: list[dict]) -> bytes:
 
     groups = [[r for r in rows if r["metric"] == "perplexity"], [r for r in rows if r["metric"] != "perplexity"]]
     groups = [g for g in groups if g]
-    fig, axes = plt.subplots(1, len(groups), figsize=(4 + 2.5 * sum(map(len, groups)), 3.6), squeeze=False)
+    widths = [max(len(g), 1.5) for g in groups]
+    fig, axes = plt.subplots(
+        1, len(groups), figsize=(2 + 2.4 * sum(widths), 3.6), squeeze=False, gridspec_kw={"width_ratios": widths}
+    )
     for ax, g in zip(axes[0], groups):
         x = np.arange(len(g))
         for dx, side, color in ((-0.2, "before", "tab:grey"), (0.2, "after", "tab:blue")):
@@ -114,6 +117,7 @@ def _bars(rows: list[dict]) -> bytes:
             bars = ax.bar(x[have] + dx, [vals[i] for i in have], width=0.4, color=color, label=side)
             ax.bar_label(bars, fmt="%.4g", fontsize=7)
         ax.set_xticks(x, [r["metric"] + (f"\n{r['set']}" if r["set"] else "") for r in g], fontsize=7)
+        ax.set_xlim(-0.8, len(g) - 0.2)  # one group alone would stretch its bars across the panel
         ax.set_ylabel("perplexity" if g[0]["metric"] == "perplexity" else "rate")
         ax.legend(fontsize=7)
     fig.suptitle("before / after the patch", fontsize=9)
