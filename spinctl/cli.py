@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from spinctl.cli_options import with_options
-from spinctl.config import EvalConfig, PatchConfig, ScoreConfig, SelectConfig, options
+from spinctl.config import EvalConfig, PatchConfig, ReportConfig, ScoreConfig, SelectConfig, options
 from spinctl.errors import SpinctlError, UsageError
 from spinctl.scoring import distributed
 
@@ -311,7 +311,42 @@ def _print_run(r: dict) -> None:
     _console().print(
         f"{r['selected']} weights zeroed ({cached}/{len(r['scores'])} score files from cache), "
         f"{'verified' if r['verified'] else 'NOT verified'} -> {r['output']}"
+        + (f", report -> {r['report']['output']}" if r.get("report") else "")
     )
+
+
+@app.command()
+@with_options(ReportConfig)
+def report(
+    patched: Annotated[Path, typer.Argument(help="The patched model directory (or file) the report is about.")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Report directory: new, empty, or an earlier report (replaced).")
+    ],
+    selection: Annotated[Path, typer.Option("--selection", "-s", help="The selection file the patch applied.")],
+    retain: RetainOpt = None,
+    couple: CoupleOpt = None,
+    evals: Annotated[
+        list[Path] | None,
+        typer.Option("--eval", help="Eval results: the JSON of spinctl eval, ppl or run --json. Repeatable."),
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="The run's spin.yaml, quoted in the report (else the commands).")
+    ] = None,
+    opts: dict = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+):
+    """Write a report of a patch (Markdown, PNGs) from its selection, score files and eval results; --card: README."""
+    from spinctl.report.evals import read_eval_file
+    from spinctl.report.terminal import print_report
+    from spinctl.report.write import read_recipe, write_report
+
+    if retain is None or not couple:
+        raise typer.BadParameter("give --retain and at least one --couple: the score files the selection was made from")
+    cfg = ReportConfig(output, patched, selection, retain, tuple(couple), tuple(evals or ()), config, **opts)
+    loaded = [(str(p), read_eval_file(p)) for p in cfg.evals]
+    result = write_report(cfg, loaded, read_recipe(config) if config else None)
+    emit(result, json_out, lambda r: print_report(r, _wide_console()))
 
 
 @app.command()

@@ -407,3 +407,26 @@ class EvalConfig:
         validate(self)
         if self.judge == "model" and (self.judge_model is None or self.judge_template is None):
             raise OptionError("judge", "model", "needs both {judge_model} DIR and {judge_template} FILE")
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """A report of one patch: its selection, the score files it came from, eval results, and where to write it."""
+
+    output: Path  # the report directory
+    patched: Path  # the patched model (its manifest; its README.md with card)
+    selection: Path
+    retain: Path
+    couple: tuple[Path, ...]
+    evals: tuple[Path, ...] = ()  # JSON of `spinctl eval`/`ppl`/`run --json`
+    config: Path | None = None  # spin.yaml to quote; else the equivalent commands
+    card: bool = option(
+        False,
+        "also write the summary as a section of the patched model's README.md, between markers "
+        "(rerunning replaces it), recorded in its manifest so verify and revert cover it",
+        check_flag,
+    )
+    bins: int = option(40, "histogram bins of the score-distribution plot", check_integer(2), metavar="N")
+
+    def __post_init__(self):
+        validate(self)

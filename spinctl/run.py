@@ -65,6 +65,7 @@ def score_all(cfg: RunConfig, log: Log) -> list[dict]:
 
 def run(cfg: RunConfig, log: Log = lambda s: None) -> dict:
     from spinctl.patch import check_output_dir, patch
+    from spinctl.report.write import check_report_dir
     from spinctl.selection import run_select
     from spinctl.verify import verify
 
@@ -73,6 +74,8 @@ def run(cfg: RunConfig, log: Log = lambda s: None) -> dict:
     with distributed.session() as ctx:  # under torchrun every rank scores a share; rank 0 alone goes on
         if cfg.output is not None and ctx.is_main:
             check_output_dir(cfg.output, cfg.model)  # fail before minutes of scoring, not after
+        if cfg.report is not None and ctx.is_main:
+            check_report_dir(cfg.report.output)
         scores = score_all(cfg, log if ctx.is_main else lambda s: None)
     seconds["score"] = time.perf_counter() - t
     if not ctx.is_main:
@@ -121,8 +124,27 @@ def run(cfg: RunConfig, log: Log = lambda s: None) -> dict:
         seconds["eval"] = time.perf_counter() - t
     else:
         result["eval"] = None
+    if cfg.report is not None:
+        t = time.perf_counter()
+        result["report"] = report(cfg, result, target)
+        seconds["report"] = time.perf_counter() - t
+        log(f"report: {result['report']['output']}" + (" (and README.md)" if result["report"]["card"] else ""))
     result["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     return result
+
+
+def report(cfg: RunConfig, result: dict, target: Path) -> dict:
+    """The report of this run beside its output: its selection, score files, evals and spin.yaml."""
+    from spinctl.report.write import write_report
+
+    scores = [Path(s["file"]) for s in result["scores"]]
+    rcfg = replace(
+        cfg.report, patched=target, selection=Path(result["selection"]), retain=scores[0], couple=tuple(scores[1:])
+    )
+    labels = [d if d.startswith("builtin:") else Path(d).name for d in (cfg.retain, *cfg.couple)]
+    recipe = {"kind": "spin.yaml", "text": cfg.text, "overrides": list(cfg.overrides)}
+    out = write_report(rcfg, [("spinctl run", {"scores": result["scores"], "eval": result["eval"]})], recipe, labels)
+    return {k: v for k, v in out.items() if k != "summary"}
 
 
 def evaluate_both(cfg: RunConfig, patched: Path, log: Log) -> list[dict]:

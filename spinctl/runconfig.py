@@ -7,7 +7,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from spinctl.config import EvalConfig, OptionError, PatchConfig, ScoreConfig, SelectConfig, check_text, options, short
+from spinctl.config import (
+    EvalConfig,
+    OptionError,
+    PatchConfig,
+    ReportConfig,
+    ScoreConfig,
+    SelectConfig,
+    check_text,
+    options,
+    short,
+)
 from spinctl.errors import InputError
 
 # A spin.yaml holds tens of values. YAML aliases share nodes, so a few hundred bytes of nested
@@ -31,6 +41,9 @@ class RunConfig:
     patch: PatchConfig
     eval: EvalConfig | None = None
     eval_prompts: tuple[str, ...] = ()
+    report: ReportConfig | None = None  # its output is the report directory; the rest is filled in by run
+    text: str = ""  # spin.yaml as written, and the --set overrides: quoted in the report
+    overrides: tuple[str, ...] = ()
 
 
 # ---- loading: safe, bounded ---------------------------------------------------------------
@@ -90,8 +103,15 @@ def _text_or_texts(v):
 
 
 TOP = {"model": check_text, "output": check_text, "cache_dir": check_text, "retain": check_text, "couple": _texts}
-SECTIONS = {"score": ScoreConfig, "select": SelectConfig, "patch": PatchConfig, "eval": EvalConfig}
-INPUTS = {"eval": {"prompts": _text_or_texts}}  # section keys that are inputs of the run, not options
+SECTIONS = {
+    "score": ScoreConfig,
+    "select": SelectConfig,
+    "patch": PatchConfig,
+    "eval": EvalConfig,
+    "report": ReportConfig,
+}
+# section keys that are inputs of the run, not options
+INPUTS = {"eval": {"prompts": _text_or_texts}, "report": {"dir": check_text}}
 REQUIRED = ("model", "retain", "couple")
 
 
@@ -205,6 +225,12 @@ def load_run_config(path: Path, overrides: list[str] = ()) -> RunConfig:
         prompts = tuple(_rel(base, p) for p in ev.pop("prompts"))
         ev.setdefault("device", score.device)  # evaluate where scoring ran unless told otherwise
         ev = _typed(path, "eval", lambda: EvalConfig(model=model, prompts=Path(prompts[0]), **ev))
+    report = dict(data.get("report") or {})
+    target = output if output is not None else model
+    report_dir = Path(_rel(base, report.pop("dir"))) if "dir" in report else target.with_name(target.name + ".report")
+    report = _typed(path, "report", lambda: ReportConfig(report_dir, target, Path(), Path(), (), **report))
+    if report.card and target.is_file():
+        raise InputError(f"{path}: report.card needs a model directory; {target} is a lone weight file (no README.md)")
     return RunConfig(
         model=model,
         output=output,
@@ -218,4 +244,7 @@ def load_run_config(path: Path, overrides: list[str] = ()) -> RunConfig:
         patch=_typed(path, "patch", lambda: PatchConfig(model, output, **patch)),
         eval=ev,
         eval_prompts=prompts,
+        report=report,
+        text=text,
+        overrides=tuple(overrides),
     )

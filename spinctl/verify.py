@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from spinctl.errors import InputError, OutputError
+from spinctl.io import nonweight_edits
 from spinctl.io.checkpoint import TensorEntry, read_shard, weight_file_names
 from spinctl.io.edits import Edits, file_edits, read_ranges, stream, tensor_ranges, write_in_place
 from spinctl.io.files import refuse_hard_links
@@ -133,6 +134,8 @@ def _verify(target: Path, lock: ModelLock, progress: Reporter) -> dict:
         for rel, digest in run_shards(list(layout), work):
             if digest != manifest["files"][rel].get("output_sha256"):
                 mismatched.append(rel)
+    # non-weight files spinctl edited (the README's report section): checked with or without --no-hash
+    mismatched += nonweight_edits.mismatches(_root(target), manifest, sidecar_paths(target)[0])
     return {
         "ok": not nonzero and not mismatched,
         "target": str(target),
@@ -186,7 +189,8 @@ def _revert(target: Path, output: Path | None, lock: ModelLock, progress: Report
         remove_stale_temps(target)
         refuse_hard_links(_root(target) / rel for rel, tensors in layout.items() if any(n in undo for n in tensors))
         _check_restorable(target, manifest, undo, layout, progress)
-        return _revert_in_place(target, undo, layout)
+        nonweight_edits.check_restorable(_root(target), manifest, sidecar_paths(target)[0])
+        return _revert_in_place(target, manifest, undo, layout)
     output = Path(output)
     check_output_dir(output, target)
     from spinctl.io.files import staged_dir
@@ -207,6 +211,7 @@ def _revert(target: Path, output: Path | None, lock: ModelLock, progress: Report
                 )
         if target.is_dir():
             copy_other_files(target, set(layout), tmp)
+            nonweight_edits.restore(target, tmp, manifest, sidecar_paths(target)[0])
     return {
         "output": str(output),
         "files": len(layout),
@@ -244,13 +249,15 @@ def _check_restorable(
             )
 
 
-def _revert_in_place(target: Path, undo: dict[str, UndoEntry], layout: dict) -> dict:
-    """Idempotent range writes, fsynced, then the sidecars go (undo log last): a crash is fixed by rerunning."""
+def _revert_in_place(target: Path, manifest: dict | None, undo: dict[str, UndoEntry], layout: dict) -> dict:
+    """Idempotent range writes, fsynced, then edited non-weight files, then the sidecars go (undo log last):
+    a crash is fixed by rerunning."""
     root = _root(target)
     pause("revert-restoring")
     for rel, tensors in layout.items():
         write_in_place(root / rel, _edits(tensors, undo, True))
     manifest_path, undo_path = sidecar_paths(target)
+    nonweight_edits.restore(root, root, manifest, manifest_path)
     manifest_path.unlink(missing_ok=True)
     undo_path.unlink()
     from spinctl.io.files import fsync_dir

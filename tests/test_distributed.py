@@ -372,7 +372,7 @@ def test_run_under_torchrun(tiny_model, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     two = json.loads(r.stdout)  # --json: exactly one object on stdout, rank 0's
     assert two["verified"] and [s["cached"] for s in two["scores"]] == [False, False, False]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "model", "out1", "spin.yaml"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "model", "out1", "out1.report", "spin.yaml"]
 
     one = run(load_run_config(tmp_path / "spin.yaml", ["output=out-one", "cache_dir=cache-one"]))
     from spinctl.io.formats import read_selection

@@ -12,16 +12,23 @@ import pytest
 import typer.main
 
 from spinctl.cli import app
-from spinctl.config import EvalConfig, PatchConfig, ScoreConfig, SelectConfig, flag_name, options
+from spinctl.config import EvalConfig, PatchConfig, ReportConfig, ScoreConfig, SelectConfig, flag_name, options
 from spinctl.runconfig import SECTIONS, load_run_config, section_checks
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-TABLES = {"score": ScoreConfig, "select": SelectConfig, "patch": PatchConfig, "eval": EvalConfig}
+TABLES = {
+    "score": ScoreConfig,
+    "select": SelectConfig,
+    "patch": PatchConfig,
+    "eval": EvalConfig,
+    "report": ReportConfig,
+}
 COMMANDS = {
     "score": [ScoreConfig],
     "select": [SelectConfig],
     "patch": [PatchConfig, SelectConfig],
     "eval": [EvalConfig],
+    "report": [ReportConfig],
 }
 BLOCK = re.compile(r"(<!-- options: (\w+) -->\n)(.*?)(<!-- /options -->)", re.S)
 

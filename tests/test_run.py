@@ -35,7 +35,7 @@ def test_pipeline_then_cache_hits(workdir):
     first = json.loads(r.stdout)
     assert first["verified"] and first["selected"] > 0 and first["eval"] is None
     assert [s["cached"] for s in first["scores"]] == [False, False, False]
-    assert set(first["seconds"]) == {"score", "select", "patch", "verify"}
+    assert set(first["seconds"]) == {"score", "select", "patch", "verify", "report"}
     assert cli("verify", workdir / "out1").returncode == 0
 
     r = cli("run", workdir / "spin.yaml", "--set", "output=out2", "--json")

@@ -1,0 +1,79 @@
+"""The report directory: report.md, report.json and the PNGs, written once every input is read and drawn."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from spinctl.config import ReportConfig
+from spinctl.errors import OutputError
+from spinctl.io.files import atomic_write_bytes
+from spinctl.report import card, plots
+from spinctl.report.inputs import collect
+from spinctl.report.markdown import report_markdown, summary_markdown
+
+REPORT_FILES = ("report.md", "report.json", "zeroed_heatmap.png", "score_distributions.png", "eval_bars.png")
+
+
+def check_report_dir(out: Path) -> None:
+    """New, empty, or an earlier report (its files are replaced): never a directory holding anything else."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(p.name not in REPORT_FILES for p in out.iterdir())):
+        raise OutputError(
+            f"{out}: report directory holds other files; choose a new directory (an earlier report's files are replaced)"
+        )
+
+
+def write_report(
+    cfg: ReportConfig, evals: list[tuple[str, dict]], recipe: dict | None = None, labels: list[str] | None = None
+) -> dict:
+    """Read and check everything, draw, then write the report (and with cfg.card the README section).
+
+    `evals` are (where, JSON object) pairs of eval results; `recipe` a spin.yaml to quote
+    ({"kind": "spin.yaml", "text", "overrides"}), else the commands are reconstructed.
+    """
+    out = Path(cfg.output)
+    check_report_dir(out)
+    report = collect(cfg, evals, recipe, labels)
+    if cfg.card:
+        card.check(cfg.patched)
+    pngs = plots.render(report, cfg.bins) if plots.have_matplotlib() else {}
+    skipped = None if pngs else plots.SKIPPED
+    files = {
+        "report.md": report_markdown(report.summary, list(pngs), skipped).encode(),
+        "report.json": (json.dumps(report.summary, indent=2) + "\n").encode(),
+        **pngs,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    for name in REPORT_FILES:
+        if name not in files:
+            (out / name).unlink(missing_ok=True)  # an earlier report's plot that this one does not have
+    for name, data in files.items():
+        atomic_write_bytes(out / name, data)
+    result = {
+        "output": str(out),
+        "files": [str(out / n) for n in files],
+        "plots_skipped": skipped,
+        "card": None,
+        "summary": report.summary,
+    }
+    if cfg.card:
+        card.write(cfg.patched, summary_markdown(report.summary))
+        result["card"] = str(Path(cfg.patched) / card.README)
+    return result
+
+
+def read_recipe(path: Path) -> dict:
+    """spin.yaml quoted as it is (checked to be YAML, so a wrong file is caught)."""
+    from spinctl.errors import InputError
+    from spinctl.runconfig import parse_yaml
+
+    try:
+        text = Path(path).read_text("utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such config file") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not a UTF-8 text file (give the spin.yaml of the run)") from None
+    if not isinstance(parse_yaml(text, str(path)), dict):
+        raise InputError(f"{path}: not a spin.yaml (the top level must be a mapping of keys)")
+    return {"kind": "spin.yaml", "text": text, "overrides": []}
