@@ -271,9 +271,15 @@ def score(
             json_out,
             lambda r: _console().print(
                 f"scored {r['tensors']} tensors on {r['samples']} samples ({r['tokens']} tokens, {r['skipped']} skipped) "
-                f"in {r['seconds']:.1f} s -> {r['file']}"
+                f"in {r['seconds']:.1f} s, peak memory {_memory(r)} -> {r['file']}"
             ),
         )
+
+
+def _memory(r: dict) -> str:
+    """Peak memory, and the budget the auto batch plan aimed under."""
+    text = f"{r['peak_memory_bytes'] / 1e9:.2f} GB"
+    return text + (f" (plan budget {r['memory_budget_bytes'] / 1e9:.2f} GB)" if r.get("memory_budget_bytes") else "")
 
 
 def _log(silent: bool):

@@ -117,6 +117,32 @@ def check_batch(v):
     return check_integer(1)(v)
 
 
+SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+
+
+def check_size(v):
+    """A byte count: an integer, or a number with a unit (3GB, 2.5GiB, 512MiB); None stays unset."""
+    if v is None or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+        return v
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*", v, re.IGNORECASE) if isinstance(v, str) else None
+    unit = (m.group(2) or "").upper() if m else ""
+    unit = unit + "B" if unit and not unit.endswith("B") else unit  # 3G = 3GB
+    if m and unit in SIZE_UNITS and float(m.group(1)) * SIZE_UNITS[unit] >= 1:
+        return int(float(m.group(1)) * SIZE_UNITS[unit])
+    raise ValueError("must be a size such as 3GB, 2.5GiB or 512MiB")
+
+
 def check_device(v):
     if isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):  # torch.device("tpu") fails deep in a load
         return v
@@ -248,6 +274,15 @@ class ScoreConfig:
         "samples per batch; auto: the largest that fits, halved on GPU out-of-memory",
         check_batch,
         metavar="N|auto",
+        cli=str,
+        readme_default="auto",
+    )
+    max_memory: int | None = option(
+        None,
+        "peak memory the auto batch plan aims under (host RSS on cpu, allocated memory on cuda); "
+        "default half of this machine's memory on cpu, 85% of the free memory on cuda",
+        check_size,
+        metavar="SIZE",
         cli=str,
         readme_default="auto",
     )

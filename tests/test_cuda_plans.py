@@ -1,5 +1,5 @@
-"""Batch plans for CUDA, run with the device's memory queries faked: the arithmetic a GPU run
-depends on executes on every machine, not first on the GPU."""
+"""Batch plans: for CUDA run with the device's memory queries faked (the arithmetic a GPU run
+depends on executes on every machine, not first on the GPU), and for CPU with the host's."""
 
 from __future__ import annotations
 
@@ -9,7 +9,16 @@ from types import SimpleNamespace
 import pytest
 
 GiB = 2**30
-AUTO = SimpleNamespace(batch_size=None)
+
+
+def auto(method: str = "snip", max_memory: int | None = None) -> SimpleNamespace:
+    """The options a plan reads, with --batch-size auto."""
+    from spinctl.config import Method
+
+    return SimpleNamespace(batch_size=None, max_memory=max_memory, method=Method(method))
+
+
+AUTO = auto()
 
 
 @pytest.fixture
@@ -116,3 +125,58 @@ def test_stream_plan_without_the_fraction_query(fake_cuda, on_cuda, monkeypatch)
     monkeypatch.delattr(torch.cuda, "get_per_process_memory_fraction", raising=False)
     path, _, sk = on_cuda
     assert plan_batches(AUTO, sk, select_targets(sk.model, "mlp", path), samples(30)) == (CUDA_MAX_BATCH, CUDA_TOKENS)
+
+
+def test_max_memory_caps_the_cuda_plans(fake_cuda, on_cuda):
+    from spinctl.scoring.engine import _plan
+    from spinctl.scoring.layerwise import plan_batches
+    from spinctl.scoring.targets import select_targets
+
+    path, loaded, sk = on_cuda
+    targets = select_targets(loaded.model, "mlp", path)
+    data = samples(300, 120, 40)
+    roomy = _plan(AUTO, loaded, targets, data)
+    fake_cuda["allocated"] = 1 << 20
+    capped = _plan(auto(max_memory=(1 << 20) + (40 << 20)), loaded, targets, data)  # 40 MiB beyond what is held
+    check_plan(capped, 300)
+    assert capped[1] < roomy[1]
+    assert _plan(auto(max_memory=1 << 20), loaded, targets, data) == (1, 300)  # nothing left: one sample
+    assert plan_batches(auto(max_memory=1 << 20), sk, targets, data) == (1, 300)
+
+
+def test_wanda_plans_without_the_snip_memory_model(fake_cuda, on_cuda):
+    """wanda keeps no activations and forms no per-sample gradients: where snip's batches
+    shrink, its own stay at the caps."""
+    from spinctl.scoring.common import CUDA_MAX_BATCH, CUDA_TOKENS
+    from spinctl.scoring.engine import _plan
+    from spinctl.scoring.targets import select_targets
+
+    path, loaded, _ = on_cuda
+    targets = select_targets(loaded.model, "mlp", path)
+    data = samples(300, 120, 40)
+    fake_cuda["free"] = 40 << 20
+    snip = _plan(AUTO, loaded, targets, data)
+    assert snip[1] < CUDA_TOKENS
+    assert _plan(auto("wanda"), loaded, targets, data) == (CUDA_MAX_BATCH, CUDA_TOKENS)
+
+
+def test_cpu_plan_keeps_rss_under_the_budget(tiny_model, monkeypatch):
+    """On CPU the room is the budget (--max-memory, else half of host memory) less this
+    process's resident memory; the throughput cap rules when there is plenty."""
+    from spinctl.runtime import load_model
+    from spinctl.scoring import common
+    from spinctl.scoring.common import CPU_TOKENS, CUDA_MAX_BATCH
+    from spinctl.scoring.engine import _plan
+    from spinctl.scoring.targets import select_targets
+
+    path = tiny_model()
+    loaded = load_model(path, "cpu", "float32")
+    targets = select_targets(loaded.model, "mlp", path)
+    data = samples(300, 120, 40)
+    monkeypatch.setattr(common, "rss_bytes", lambda: 1 * GiB)
+    monkeypatch.setattr(common, "host_memory_bytes", lambda: 64 * GiB)
+    assert _plan(AUTO, loaded, targets, data) == (CUDA_MAX_BATCH, CPU_TOKENS)
+    assert common.plan_room(None, loaded.device) == (32 * GiB, 31 * GiB)
+    tight = _plan(auto(max_memory=GiB + (8 << 20)), loaded, targets, data)  # 8 MiB of room
+    assert 1 <= tight[0] < CUDA_MAX_BATCH and 300 <= tight[1] < CPU_TOKENS
+    assert _plan(auto(max_memory=GiB // 2), loaded, targets, data) == (1, 300)  # over budget already: one sample

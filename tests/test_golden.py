@@ -1,5 +1,8 @@
 """Behaviour pinned across refactors: the demo pipeline's score, selection and patched tensors hash
-to the values the pre-refactor code produced (tests/data/golden.json, made by `make_golden`)."""
+to the values in tests/data/golden.json (its `made_by` says which code made them). Made before
+the stage-package refactor; the score hashes alone were remade when issue 13 changed the float
+order of scoring (per-sample products, response-only head, token-budget batches), with the
+selection and patched-tensor hashes unchanged."""
 
 from __future__ import annotations
 

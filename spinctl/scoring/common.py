@@ -3,6 +3,7 @@ checkpoint check, device timing, the score file and the run summary."""
 
 from __future__ import annotations
 
+import os
 import resource
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -11,10 +12,13 @@ from spinctl.config import ScoreConfig
 from spinctl.errors import OutputError, UnsupportedError, one_line
 from spinctl.io.formats import score_meta, write_scores
 from spinctl.scoring import distributed
+from spinctl.scoring.layerwise_store import HOST_FRACTION, host_memory_bytes
 
-CPU_BATCH = 8  # samples per batch on CPU: past this, bigger batches buy no speed
+# Padded tokens per batch on CPU: past ~1k the matrix products are as fast per token as they
+# get (SmolLM2, 2 cores: 1024-token batches as fast as 2.5k-token ones, at half the memory).
+CPU_TOKENS = 1024
 CUDA_TOKENS = 4096  # padded tokens per batch on CUDA: saturates an H200, keeps 7B under 64 GiB
-CUDA_MAX_BATCH = 64
+CUDA_MAX_BATCH = 64  # samples per batch, on either device
 # fp16 has 5 exponent bits: a per-sample gradient of a mean token loss (at the logits about
 # 1 / (response tokens · vocab)) falls below its smallest subnormal, 6e-8, and becomes zero.
 # snip's backward runs on the loss times 2^k; the fp32 accumulators are divided by 2^k after
@@ -40,6 +44,28 @@ def make_batches(samples: list, batch_size: int, token_budget: int | None = None
         else:
             cur.append(s)
     return batches
+
+
+def plan_room(max_memory: int | None, device) -> tuple[int, int]:
+    """(budget, room) for an auto batch plan: the peak it aims under (--max-memory, else half of
+    host memory on CPU, what is allocated plus 85% of what is free on CUDA), and how much of
+    it is not in use yet (host RSS on CPU, allocated memory on CUDA)."""
+    import torch
+
+    if device.type == "cuda":
+        allocated = torch.cuda.memory_allocated(device)
+        cached = torch.cuda.memory_reserved(device) - allocated  # the allocator's, reusable too
+        free = int((torch.cuda.mem_get_info(device)[0] + cached) * 0.85)
+        budget = allocated + free if max_memory is None else max_memory
+        return budget, max(0, min(free, budget - allocated))
+    budget = int(HOST_FRACTION * host_memory_bytes()) if max_memory is None else max_memory
+    return budget, max(0, budget - rss_bytes())
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def peak_bytes(device) -> int:
@@ -116,6 +142,7 @@ class ScoreSummary:
     dtype: str | None = None
     pass_seconds: float | None = None
     loss_scale: float | None = None
+    memory_budget_bytes: int | None = None  # the auto plan's aim (not with --batch-size N)
     stream: bool | None = None  # the layerwise path only, from here on
     spilled: bool | None = None
     activation_peak_bytes: int | None = None

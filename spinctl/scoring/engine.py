@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from spinctl.config import ScoreConfig
+from spinctl.config import Method, ScoreConfig
 from spinctl.errors import OutputError, SpinctlError
 from spinctl.io.checkpoint import open_checkpoint
 from spinctl.io.formats import keep_count
@@ -14,7 +15,7 @@ from spinctl.runtime import LoadedModel, load_model
 from spinctl.scoring import data as data_mod
 from spinctl.scoring import distributed
 from spinctl.scoring.common import (
-    CPU_BATCH,
+    CPU_TOKENS,
     CUDA_MAX_BATCH,
     CUDA_TOKENS,
     LOSS_SCALE_STEP,
@@ -23,10 +24,11 @@ from spinctl.scoring.common import (
     loss_scale_log2,
     make_batches,
     peak_bytes,
+    plan_room,
     sync,
     write_score_file,
 )
-from spinctl.scoring.methods import METHODS, response_loss
+from spinctl.scoring.methods import METHODS, PLAIN_HEAD, head_loss, response_loss
 from spinctl.scoring.targets import decoder_layers, select_targets
 
 Progress = Callable[[int, int], None]  # progress(advance_samples, total); advance < 0 rewinds after an OOM retry
@@ -53,43 +55,60 @@ def _grad_from_here(module, args, kwargs):
     return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach().requires_grad_()}
 
 
+class _Stop(Exception):
+    """Raised by a hook on the last scored layer: wanda needs nothing above it."""
+
+
+def _stop(module, args, output):
+    raise _Stop
+
+
 def run_pass(
     model,
     acc,
     batches: list[list],
     pad_id: int,
     device,
-    first_layer,
+    span,
     progress: Progress | None = None,
     loss_scale: float = 1.0,
 ) -> None:
     """Feed every batch through the model with `acc` hooked in (snip: forward + backward).
 
-    No attention mask: with right padding and causal attention no real position sees a
-    pad, pad logits carry no loss, so pad gradients are exactly zero; the kernels stay
-    the unmasked (flash) ones.
+    span: (lowest, highest) scored decoder layer modules. snip's gradients start at the
+    lowest one's input; wanda's forward stops after the highest. No attention mask: with
+    right padding and causal attention no real position sees a pad, pad logits carry no
+    loss, so pad gradients are exactly zero; the kernels stay the unmasked (flash) ones.
     """
     import torch
 
     total = sum(len(b) for b in batches)
-    hook = first_layer.register_forward_pre_hook(_grad_from_here, with_kwargs=True) if acc.needs_grad else None
+    first, last = span
+    if acc.needs_grad:
+        hook = first.register_forward_pre_hook(_grad_from_here, with_kwargs=True)
+        head = model.get_output_embeddings() if getattr(model.config, "model_type", None) in PLAIN_HEAD else None
+    else:
+        hook = last.register_forward_hook(_stop)
     try:
         with acc:
             for batch in batches:
                 ids, labels, positions = collate(batch, pad_id, device)
                 acc.begin_batch(len(batch), positions)
-                if acc.needs_grad:
+                if not acc.needs_grad:
+                    with torch.no_grad(), contextlib.suppress(_Stop):
+                        model.base_model(input_ids=ids, use_cache=False)
+                elif head is not None:  # the head on response positions only
+                    hidden = model.base_model(input_ids=ids, use_cache=False)[0]  # [B, T, D], final norm applied
+                    (head_loss(hidden, labels, head) * loss_scale).backward()  # fp32 loss: the scale is exact
+                    del hidden
+                else:  # logits post-processed past lm_head (soft-capping, scales): the model's own forward
                     logits = model(input_ids=ids, use_cache=False).logits  # [B, T, V]
-                    (response_loss(logits, labels) * loss_scale).backward()  # fp32 loss: the scale is exact
+                    (response_loss(logits, labels) * loss_scale).backward()
                     del logits
-                else:
-                    with torch.no_grad():
-                        model.base_model(input_ids=ids, use_cache=False)  # lm_head unused: stop before it
                 if progress:
                     progress(len(batch), total)
     finally:
-        if hook is not None:
-            hook.remove()
+        hook.remove()
 
 
 def topk_ranked(flat, k: int):
@@ -115,27 +134,29 @@ def topk_ranked(flat, k: int):
 
 
 def _plan(cfg: ScoreConfig, loaded: LoadedModel, targets, samples) -> tuple[int, int | None]:
-    """(samples per batch, padded-token budget per batch or None)."""
-    import torch
-
+    """(samples per batch, padded-token budget per batch or None): the largest batches whose
+    estimated memory fits the room `plan_room` leaves, capped where throughput stops growing."""
     if cfg.batch_size is not None:
         return cfg.batch_size, None
-    if loaded.device.type != "cuda":
-        return CPU_BATCH, None
-    # Largest batch that fits, capped where throughput stops growing. Estimated bytes per token:
-    # saved activations per layer (2 norms + attention ≈ 9·D, MLP ≈ 4·I) + fp32 logits and grads.
-    c = loaded.model.config
+    from spinctl.scoring import abs_grad_triton
+
+    cuda = loaded.device.type == "cuda"
+    c, item = loaded.model.config, loaded.dtype.itemsize
     D = getattr(c, "hidden_size", 4096)
     inter = getattr(c, "intermediate_size", None) or 4 * D
-    per_token = getattr(c, "num_hidden_layers", 32) * (9 * D + 4 * inter) * loaded.dtype.itemsize + 12 * getattr(
-        c, "vocab_size", 32000
-    )
-    per_sample = max(t.module.weight.numel() for t in targets) * loaded.dtype.itemsize  # one [out, in] gradient
-    cached = torch.cuda.memory_reserved(loaded.device) - torch.cuda.memory_allocated(loaded.device)  # reusable too
-    free = (torch.cuda.mem_get_info(loaded.device)[0] + cached) * 0.85
+    if cfg.method is Method.SNIP:
+        # Saved activations per layer (2 norms + attention ≈ 9·D, MLP ≈ 4·I) + fp32 logits and grads.
+        per_token = getattr(c, "num_hidden_layers", 32) * (9 * D + 4 * inter) * item + 12 * getattr(
+            c, "vocab_size", 32000
+        )
+        bmm = cuda and not abs_grad_triton.available()  # the fallback's [B, out, in] product
+        per_sample = max(t.module.weight.numel() for t in targets) * item if bmm else 0
+    else:  # wanda keeps no activations: one layer's transient ones
+        per_token, per_sample = (4 * D + 3 * inter) * item, 0
+    room = plan_room(cfg.max_memory, loaded.device)[1]
     longest = max(len(s.ids) for s in samples)
-    batch = max(1, min(CUDA_MAX_BATCH, int(free // (longest * per_token + per_sample))))
-    return batch, max(longest, min(CUDA_TOKENS, int(free // per_token)))
+    batch = max(1, min(CUDA_MAX_BATCH, int(room // (longest * per_token + per_sample))))
+    return batch, max(longest, min(CUDA_TOKENS if cuda else CPU_TOKENS, int(room // per_token)))
 
 
 def _accumulate(
@@ -145,7 +166,8 @@ def _accumulate(
     Returns the largest batch used."""
     import torch
 
-    first_layer = decoder_layers(loaded.model, cfg.model)[1][min(t.layer for t in targets)]
+    layers = decoder_layers(loaded.model, cfg.model)[1]
+    span = (layers[min(t.layer for t in targets)], layers[max(t.layer for t in targets)])
     batch_size, budget = _plan(cfg, loaded, targets, samples)
     pad_id = data_mod.pad_id(loaded.tokenizer, loaded.model.get_input_embeddings().num_embeddings)
     done = 0
@@ -159,7 +181,7 @@ def _accumulate(
     while True:
         batches = make_batches(samples, batch_size, budget)
         try:
-            run_pass(loaded.model, acc, batches, pad_id, loaded.device, first_layer, tick, loss_scale)
+            run_pass(loaded.model, acc, batches, pad_id, loaded.device, span, tick, loss_scale)
             return max(len(b) for b in batches)
         except torch.cuda.OutOfMemoryError:
             pass  # handled below, outside the except block, so the failed graph is freed first
@@ -279,6 +301,7 @@ def _score(cfg: ScoreConfig, progress: Progress | None, loaded: LoadedModel | No
     )  # after the load: fail before the pass
     sync(device)
     t_pass = time.perf_counter()
+    budget = None if cfg.batch_size else plan_room(cfg.max_memory, device)[0]  # what the auto plan aims under
     scale_log2 = loss_scale_log2(loaded.dtype) if acc.needs_grad else 0
     while True:
         batch_size = _accumulate(cfg, loaded, acc, targets, local, progress, 2.0**scale_log2) if local else 0
@@ -325,4 +348,5 @@ def _score(cfg: ScoreConfig, progress: Progress | None, loaded: LoadedModel | No
         dtype=meta["dtype"],
         pass_seconds=round(pass_seconds, 3),
         loss_scale=2**scale_log2,
+        memory_budget_bytes=budget,
     ).to_dict()

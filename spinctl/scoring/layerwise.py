@@ -25,7 +25,7 @@ from spinctl.errors import SpinctlError
 from spinctl.scoring import data as data_mod
 from spinctl.scoring import distributed, layerwise_store
 from spinctl.scoring.common import (
-    CPU_BATCH,
+    CPU_TOKENS,
     CUDA_MAX_BATCH,
     CUDA_TOKENS,
     LOSS_SCALE_STEP,
@@ -39,7 +39,7 @@ from spinctl.scoring.common import (
 )
 from spinctl.scoring.layerwise_model import build_skeleton, call_layer, catch_layer_inputs
 from spinctl.scoring.layerwise_store import Boundaries
-from spinctl.scoring.methods import METHODS, Method, response_loss
+from spinctl.scoring.methods import METHODS, Method, head_loss
 from spinctl.scoring.targets import select_targets
 
 HEAD_BYTES = 256 << 20  # logits and their gradients at the head, per slice of a batch
@@ -50,14 +50,15 @@ class _Overflow(Exception):
 
 
 def plan_batches(cfg, sk, targets, samples) -> tuple[int, int | None]:
-    """(samples per batch, padded-token budget or None): as in-memory on CPU; on CUDA sized
-    for one layer's activations within this process's share of the device."""
+    """(samples per batch, padded-token budget or None): on CPU the throughput cap (the host
+    activations are checked by check_host_memory); on CUDA sized for one layer's activations
+    within this process's share of the device and --max-memory."""
     import torch
 
     if cfg.batch_size is not None:
         return cfg.batch_size, None
-    if sk.device.type != "cuda":
-        return CPU_BATCH, None
+    if sk.device.type != "cuda":  # one layer's activations at a time: the throughput cap rules
+        return CUDA_MAX_BATCH, CPU_TOKENS
     c, item = sk.model.config, sk.dtype.itemsize
     D = c.hidden_size
     inter = getattr(c, "intermediate_size", None) or 4 * D
@@ -73,6 +74,8 @@ def plan_batches(cfg, sk, targets, samples) -> tuple[int, int | None]:
     fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(dev)  # torch >= 2.6 only
     limit = torch.cuda.get_device_properties(dev).total_memory * fraction
     free = min(torch.cuda.mem_get_info(dev)[0], limit) - torch.cuda.memory_allocated(dev)
+    if cfg.max_memory is not None:
+        free = min(free, cfg.max_memory - torch.cuda.memory_allocated(dev))
     free = max(0.0, (free - 2 * layer - outer - acc - HEAD_BYTES) * 0.85)
     longest = max((len(s.ids) for s in samples), default=1)
     batch = max(1, min(CUDA_MAX_BATCH, int(free // (longest * per_token + per_sample))))
@@ -205,10 +208,8 @@ class _Sweeps:
             for lo in range(0, x.shape[0], rows):
                 h = x[lo : lo + rows].detach().requires_grad_()
                 with torch.enable_grad():
-                    logits = lm_head(norm(h))  # [rows, T, V]
-                    loss = response_loss(logits, self.labels[b][lo : lo + rows]) * self.loss_scale  # fp32: exact
+                    loss = head_loss(norm(h), self.labels[b][lo : lo + rows], lm_head) * self.loss_scale  # fp32: exact
                     loss.backward()  # row s of h.grad: dL_s/dh_s (times the loss scale)
-                    del logits
                 grads.append(h.grad)
             store.put(self.L, b, grads[0] if len(grads) == 1 else torch.cat(grads))
             self._tick(len(batch))

@@ -70,6 +70,8 @@ class Accumulator:
         """positions: bool [B, T], True where the position's own token is a response token."""
         self._batch = n_samples
         self._calls.clear()
+        if positions is not None and self.needs_grad:
+            self._lengths = true_lengths(positions)
 
     def _hook_for(self, name: str):
         def hook(module, args, output):
@@ -102,9 +104,22 @@ class Accumulator:
 
 
 class SnipAccumulator(Accumulator):
-    """S = |W| ⊙ Σ_s |∇_W L_s|, the per-sample gradient formed as gy[b]ᵀ · x[b] (one bmm per Linear)."""
+    """S = |W| ⊙ Σ_s |∇_W L_s|, the per-sample gradient of a Linear formed as gy_sᵀ · x_s.
+
+    Each sample's product covers its own tokens only (padding has exactly zero gradient,
+    and tokens after its last response token none either). On CPU one sample at a time
+    into a reused buffer: 1/B of a batched [B, out, in] product's memory, and the buffer
+    stays in cache for the abs and the add. On CUDA the fused Triton kernel
+    (abs_grad_triton.py) never writes a per-sample product to memory; without Triton one
+    bmm per batch and an ord-1 norm over it.
+    """
 
     needs_grad = True
+
+    def __init__(self, modules):
+        super().__init__(modules)
+        self._lengths: list[int] = []  # true length of each sample of the batch
+        self._bufs: dict = {}  # (out, in, dtype) -> reused per-sample product
 
     def stat_shape(self, module):
         return tuple(module.weight.shape)  # [out, in]
@@ -116,25 +131,58 @@ class SnipAccumulator(Accumulator):
         output.register_hook(lambda gy: self._on_grad(name, x, gy))
 
     def _on_grad(self, name, x, gy):
-        import torch
+        from spinctl.scoring import abs_grad_triton
 
         gy = gy.reshape(x.shape[0], -1, gy.shape[-1])  # [B, T, out]
-        g = torch.bmm(gy.transpose(1, 2), x)  # [B, out, in]: one weight gradient per sample
-        self.acc[name] += abs_sum(g, by_norm=g.is_cuda)
+        lengths = [min(n, x.shape[1]) for n in self._lengths] or [x.shape[1]] * x.shape[0]
+        acc = self.acc[name]
+        if not gy.is_cuda:
+            abs_grad_(acc, gy, x, lengths, "loop", self._buffer(acc.shape, gy.dtype))
+        else:
+            abs_grad_(acc, gy, x, lengths, "triton" if abs_grad_triton.available() else "bmm")
+
+    def _buffer(self, shape, dtype):
+        import torch
+
+        key = (*shape, dtype)
+        if key not in self._bufs:
+            self._bufs[key] = torch.empty(shape, dtype=dtype)
+        return self._bufs[key]
 
     def scores(self, nsamples):
         for name, m in self.modules.items():
             yield name, self.acc[name].mul_(m.weight.detach().abs())  # in place: no second fp32 [out, in]
 
 
-def abs_sum(g, by_norm: bool):
-    """Σ_b |g_b| in fp32 over dim 0 of g [B, out, in] (g may be overwritten). On CUDA as one
-    ord-1 norm, a single read of g; on CPU that norm is ~3x slower than abs_ and a sum."""
+def abs_grad_(acc, gy, x, lengths: list[int], way: str, buf=None) -> None:
+    """acc [out, in] fp32 += Σ_b |gy[b, :n_b]ᵀ · x[b, :n_b]| for gy [B, T, out], x [B, T, in].
+
+    way: "loop" (CPU: one sample at a time into `buf` [out, in], the product in the model
+    dtype), "triton" (the fused CUDA kernel, products in fp32) or "bmm" (CUDA without
+    Triton: one [B, out, in] product in the model dtype, read once by an ord-1 norm).
+    """
     import torch
 
-    if by_norm:
-        return torch.linalg.vector_norm(g, ord=1, dim=0, dtype=torch.float32)
-    return g.abs_().sum(0, dtype=torch.float32)
+    if way == "triton":
+        from spinctl.scoring import abs_grad_triton
+
+        abs_grad_triton.accumulate_(acc, gy, x, lengths)
+    elif way == "bmm":
+        acc += torch.linalg.vector_norm(torch.bmm(gy.transpose(1, 2), x), ord=1, dim=0, dtype=torch.float32)
+    else:
+        buf = torch.empty(acc.shape, dtype=gy.dtype, device=gy.device) if buf is None else buf
+        for b, n in enumerate(lengths):
+            torch.mm(gy[b, :n].transpose(0, 1), x[b, :n], out=buf)
+            acc.add_(buf.abs_())
+
+
+def true_lengths(positions) -> list[int]:
+    """Per sample, one past its last response position: its real length, since the response
+    runs to the end of the sample (0 for a sample without one). positions: bool [B, T]."""
+    import torch
+
+    idx = torch.arange(1, positions.shape[1] + 1, device=positions.device)
+    return (positions * idx).amax(1).tolist()
 
 
 class WandaAccumulator(Accumulator):
@@ -172,15 +220,42 @@ class WandaAccumulator(Accumulator):
 METHODS: dict[Method, type[Accumulator]] = {Method.SNIP: SnipAccumulator, Method.WANDA: WandaAccumulator}
 
 
+# Model types whose causal-LM logits are lm_head(last hidden state) and nothing more (no
+# soft-capping or logit scale), so the head may run on the response positions alone.
+PLAIN_HEAD = ("llama", "mistral", "qwen2")
+
+
 def response_loss(logits, labels):
     """Σ_s mean_t CE over response tokens, in fp32. logits [B, T, V]; labels [B, T], -100 = ignore."""
+    return token_loss(logits[:, :-1], labels[:, 1:])  # position t predicts token t+1
+
+
+def token_loss(logits, target):
+    """Σ_s mean_t CE(logits[s, t], target[s, t]) over target != -100, in fp32. logits [B, R, V]."""
     import torch
     import torch.nn.functional as F
 
-    target = labels[:, 1:]  # [B, T-1]: position t predicts token t+1
     sel = target != -100
-    lg = logits[:, :-1][sel].float()  # [N, V]: only predicted response tokens leave the model dtype
+    lg = logits[sel].float()  # [N, V]: only predicted response tokens leave the model dtype
     ce = F.cross_entropy(lg, target[sel], reduction="none")  # [N]
     count = sel.sum(1, keepdim=True).clamp(min=1)  # [B, 1]
     weight = (1.0 / count).expand_as(sel)[sel]  # [N]: 1 / (response tokens of its sample)
     return torch.dot(ce, weight.to(ce.dtype))
+
+
+def head_loss(hidden, labels, head):
+    """response_loss(head(hidden), labels) with the head run only where a response token is
+    predicted: per sample those positions packed to the left, [B, R, D] with R the most any
+    sample has (R < T; the logits [B, T, V] and their gradient are the largest tensors of a
+    pass for vocabularies like 49k). Positions past a sample's count carry no loss, so no
+    gradient. hidden [B, T, D]: the final (normed) hidden states; head: lm_head."""
+    import torch
+
+    target = labels[:, 1:]  # position t predicts token t+1
+    sel = target != -100
+    count = sel.sum(1)
+    R = max(1, int(count.max()))
+    idx = torch.argsort((~sel).to(torch.uint8), dim=1, stable=True)[:, :R]  # response positions first, in order
+    packed = target.gather(1, idx).masked_fill(torch.arange(R, device=idx.device)[None, :] >= count[:, None], -100)
+    h = hidden.gather(1, idx[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, R, D]
+    return token_loss(head(h), packed)
