@@ -79,3 +79,21 @@ def model_copy(tmp_path):
         return dst
 
     return copy
+
+
+@pytest.fixture(scope="session")
+def bench_data(tmp_path_factory) -> Path:
+    """CSVs for the benchmarks' smoke tests made from the builtin sets (always there, unlike
+    ../shared/data): pass `--data DIR/fairness.csv --data-dir DIR`."""
+    import csv
+    import json
+    from importlib.resources import files
+
+    out = tmp_path_factory.mktemp("bench-data")
+    for name in ("general", "privacy", "fairness"):
+        rows = [json.loads(line) for line in (files("spinctl.builtin") / f"{name}.jsonl").read_text().splitlines()]
+        with open(out / f"{name}.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=["prompt", "response"])
+            writer.writeheader()
+            writer.writerows({"prompt": r["prompt"], "response": r["response"]} for r in rows)
+    return out

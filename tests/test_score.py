@@ -340,11 +340,9 @@ def test_import_is_light():
 
 
 ROOT = Path(__file__).resolve().parents[1]
-FAIRNESS = ROOT.parent / "shared" / "data" / "beaver_train330k_fairness_safe_1k.csv"
 
 
-@pytest.mark.skipif(not FAIRNESS.is_file(), reason="needs ../shared/data")
-def test_benchmark_device_path_runs_tiny(tmp_path):
+def test_benchmark_device_path_runs_tiny(tmp_path, bench_data):
     """The --shape llama2-7b code path (build on the device, in-process scoring, reference on 8
     samples), at toy size on whatever device is here: the GPU run gets one shot."""
     cmd = [
@@ -356,6 +354,10 @@ def test_benchmark_device_path_runs_tiny(tmp_path):
         "16",
         "--workdir",
         str(tmp_path),
+        "--data",
+        str(bench_data / "fairness.csv"),
+        "--data-dir",
+        str(bench_data),
     ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -377,3 +379,27 @@ def test_benchmark_device_path_runs_tiny(tmp_path):
     assert snip["tflops"] == round(tflops, 1) and snip["fraction_of_peak"] == round(tflops / 790.0, 3)
     assert 0 < tflops <= 790.0  # no device beats its peak: a faster pass means a mismeasured time
     assert lines[-1]["topk_overlap_mean"] >= 0.95
+
+
+def test_benchmark_cpu_path_runs_tiny(tmp_path, bench_data):
+    """bench_score's CPU flow at toy size: spinctl (library and CLI, same bytes) and the three
+    baselines from one run, each baseline's top-K sets compared with spinctl's file."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_score.py"), "--shape", "cpu", "--workdir", str(tmp_path)]
+    cmd += ["--layers", "2", "--hidden", "64", "--intermediate", "172", "--heads", "4", "--rows", "6", "--repeat", "1"]
+    cmd += ["--data", str(bench_data / "fairness.csv"), "--data-dir", str(bench_data), "--keep", "0.05"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = {line["what"]: line for line in map(json.loads, res.stdout.splitlines())}
+    assert list(lines) == [
+        "spinctl_library",
+        "spinctl_cli",
+        "reference_loop",
+        "per_sample_loop",
+        "training_step",
+        "ratio",
+    ]
+    assert lines["spinctl_cli"]["same_bytes"] is True
+    # the per-sample loop is the independent fp64 reference: the same top-K sets
+    assert lines["per_sample_loop"]["topk_overlap_min"] == 1.0
+    assert lines["reference_loop"]["topk_overlap_min"] >= 0.95  # per-sample |grad| summed in fp32
+    assert all(v > 0 for k, v in lines["ratio"].items() if k.endswith(("_spinctl", "_pass")))

@@ -262,8 +262,7 @@ def test_catchers_show_the_layers_attributes(tiny_model):
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.skipif(not (ROOT.parent / "shared" / "data").is_dir(), reason="needs ../shared/data")
-def test_benchmark_gpu_path_runs_tiny(tmp_path):
+def test_benchmark_gpu_path_runs_tiny(tmp_path, bench_data):
     """The --gpu code path of bench_stream at toy size on whatever device is here."""
     cmd = [
         sys.executable,
@@ -275,6 +274,10 @@ def test_benchmark_gpu_path_runs_tiny(tmp_path):
         "8",
         "--workdir",
         str(tmp_path),
+        "--data",
+        str(bench_data / "fairness.csv"),
+        "--data-dir",
+        str(bench_data),
     ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]

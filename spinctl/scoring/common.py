@@ -14,9 +14,10 @@ from spinctl.io.formats import score_meta, write_scores
 from spinctl.scoring import distributed
 from spinctl.scoring.layerwise_store import HOST_FRACTION, host_memory_bytes
 
-# Padded tokens per batch on CPU: past ~1k the matrix products are as fast per token as they
-# get (SmolLM2, 2 cores: 1024-token batches as fast as 2.5k-token ones, at half the memory).
-CPU_TOKENS = 1024
+# Padded tokens per batch on CPU: past a few hundred the matrix products are as fast per
+# token as they get, and the activations grow with it (SmolLM2 f32, 2 cores, 64 alpaca rows,
+# one run each: 512-token batches 46 s, 1024-token 51 s, 8 whole samples 59 s at 3.5 GB).
+CPU_TOKENS = 512
 CUDA_TOKENS = 4096  # padded tokens per batch on CUDA: saturates an H200, keeps 7B under 64 GiB
 CUDA_MAX_BATCH = 64  # samples per batch, on either device
 # fp16 has 5 exponent bits: a per-sample gradient of a mean token loss (at the logits about

@@ -28,7 +28,7 @@ from spinctl.scoring.common import (
     sync,
     write_score_file,
 )
-from spinctl.scoring.methods import METHODS, PLAIN_HEAD, head_loss, response_loss
+from spinctl.scoring.methods import METHODS, PLAIN_HEAD, response_loss
 from spinctl.scoring.targets import decoder_layers, select_targets
 
 Progress = Callable[[int, int], None]  # progress(advance_samples, total); advance < 0 rewinds after an OOM retry
@@ -98,8 +98,10 @@ def run_pass(
                     with torch.no_grad(), contextlib.suppress(_Stop):
                         model.base_model(input_ids=ids, use_cache=False)
                 elif head is not None:  # the head on response positions only
+                    from spinctl.scoring.head import head_loss
+
                     hidden = model.base_model(input_ids=ids, use_cache=False)[0]  # [B, T, D], final norm applied
-                    (head_loss(hidden, labels, head) * loss_scale).backward()  # fp32 loss: the scale is exact
+                    head_loss(hidden, labels, head, loss_scale).backward()
                     del hidden
                 else:  # logits post-processed past lm_head (soft-capping, scales): the model's own forward
                     logits = model(input_ids=ids, use_cache=False).logits  # [B, T, V]
@@ -145,10 +147,10 @@ def _plan(cfg: ScoreConfig, loaded: LoadedModel, targets, samples) -> tuple[int,
     D = getattr(c, "hidden_size", 4096)
     inter = getattr(c, "intermediate_size", None) or 4 * D
     if cfg.method is Method.SNIP:
-        # Saved activations per layer (2 norms + attention ≈ 9·D, MLP ≈ 4·I) + fp32 logits and grads.
-        per_token = getattr(c, "num_hidden_layers", 32) * (9 * D + 4 * inter) * item + 12 * getattr(
-            c, "vocab_size", 32000
-        )
+        # Saved activations per layer and token: 2 norms ≈ 6·D, q/k/v after RoPE and GQA expansion
+        # ≈ 3·D, attention ≈ 4·D, the hooked inputs ≈ D, MLP ≈ 4·I (SmolLM2 f32 measured 2.3 MB a
+        # token with full logits, ~1.7 MB of it the layers); head.py keeps the logits to a chunk.
+        per_token = getattr(c, "num_hidden_layers", 32) * (14 * D + 4 * inter) * item
         bmm = cuda and not abs_grad_triton.available()  # the fallback's [B, out, in] product
         per_sample = max(t.module.weight.numel() for t in targets) * item if bmm else 0
     else:  # wanda keeps no activations: one layer's transient ones

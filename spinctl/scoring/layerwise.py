@@ -39,10 +39,10 @@ from spinctl.scoring.common import (
 )
 from spinctl.scoring.layerwise_model import build_skeleton, call_layer, catch_layer_inputs
 from spinctl.scoring.layerwise_store import Boundaries
-from spinctl.scoring.methods import METHODS, Method, head_loss
+from spinctl.scoring.methods import METHODS, Method
 from spinctl.scoring.targets import select_targets
 
-HEAD_BYTES = 256 << 20  # logits and their gradients at the head, per slice of a batch
+HEAD_BYTES = 256 << 20  # the head's working memory: a chunk of logits (head.CHUNK_BYTES), its softmax, temporaries
 
 
 class _Overflow(Exception):
@@ -193,25 +193,20 @@ class _Sweeps:
                 sk.unload(l)  # the top layer stays: the backward sweep starts there
 
     def head(self) -> None:
-        """Final norm, lm_head, Σ per-sample loss; slot L becomes dL/dh_L [B, T, D]. Samples never
-        mix, so a batch's head runs in slices of rows that keep the logits within HEAD_BYTES."""
+        """Final norm, lm_head, Σ per-sample loss; slot L becomes dL/dh_L [B, T, D] (head.py keeps
+        the logits to a chunk of response rows at a time)."""
         import torch
+
+        from spinctl.scoring.head import head_loss
 
         sk, store = self.sk, self.store
         sk.load("head")
         norm, lm_head = sk.head()
-        V = lm_head.weight.shape[0]
         for b, batch in enumerate(self.batches):
-            x = store.get(self.L, b)  # [B, T, D]
-            rows = max(1, HEAD_BYTES // (x.shape[1] * V * 4 * 4))  # logits, fp32 copy, log-softmax, grad
-            grads = []
-            for lo in range(0, x.shape[0], rows):
-                h = x[lo : lo + rows].detach().requires_grad_()
-                with torch.enable_grad():
-                    loss = head_loss(norm(h), self.labels[b][lo : lo + rows], lm_head) * self.loss_scale  # fp32: exact
-                    loss.backward()  # row s of h.grad: dL_s/dh_s (times the loss scale)
-                grads.append(h.grad)
-            store.put(self.L, b, grads[0] if len(grads) == 1 else torch.cat(grads))
+            h = store.get(self.L, b).detach().requires_grad_()  # [B, T, D]
+            with torch.enable_grad():
+                head_loss(norm(h), self.labels[b], lm_head, self.loss_scale).backward()  # row s: dL_s/dh_s
+            store.put(self.L, b, h.grad)
             self._tick(len(batch))
         sk.unload("head")
 

@@ -241,21 +241,3 @@ def token_loss(logits, target):
     count = sel.sum(1, keepdim=True).clamp(min=1)  # [B, 1]
     weight = (1.0 / count).expand_as(sel)[sel]  # [N]: 1 / (response tokens of its sample)
     return torch.dot(ce, weight.to(ce.dtype))
-
-
-def head_loss(hidden, labels, head):
-    """response_loss(head(hidden), labels) with the head run only where a response token is
-    predicted: per sample those positions packed to the left, [B, R, D] with R the most any
-    sample has (R < T; the logits [B, T, V] and their gradient are the largest tensors of a
-    pass for vocabularies like 49k). Positions past a sample's count carry no loss, so no
-    gradient. hidden [B, T, D]: the final (normed) hidden states; head: lm_head."""
-    import torch
-
-    target = labels[:, 1:]  # position t predicts token t+1
-    sel = target != -100
-    count = sel.sum(1)
-    R = max(1, int(count.max()))
-    idx = torch.argsort((~sel).to(torch.uint8), dim=1, stable=True)[:, :R]  # response positions first, in order
-    packed = target.gather(1, idx).masked_fill(torch.arange(R, device=idx.device)[None, :] >= count[:, None], -100)
-    h = hidden.gather(1, idx[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, R, D]
-    return token_loss(head(h), packed)
