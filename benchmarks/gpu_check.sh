@@ -2,7 +2,11 @@
 # The GPU figures in one prepared run (issue 3: Llama-2-7B scoring; issue 5: Llama-2-13B --stream
 # under a memory cap). Prints JSON lines; with $OUT set (the device tool) also $OUT/gpu_check.jsonl.
 #
-#   bash benchmarks/gpu_check.sh score|stream|all [DATA_DIR]
+#   bash benchmarks/gpu_check.sh kernel|score|stream|all [DATA_DIR]
+#
+# kernel: the fused Triton |grad| kernel against float64 on the device (tests/test_abs_grad.py);
+# score: Llama-2-7B shape, bf16, 128 rows: pass time, peak, top-K vs an fp32 reference on 8
+# samples, the same run twice (byte-identical or how many top-K entries differ), wanda.
 #
 # DATA_DIR holds the shared CSVs: ../shared/data, else .gpu-data/ in the repo (the device tool
 # carries only the repo: `mkdir -p .gpu-data && cp ../shared/data/*.csv .gpu-data/`, carry
@@ -42,6 +46,10 @@ run() {  # run LIMIT_S CMD...: a part under its own limit; its JSON lines to std
     local s=${PIPESTATUS[0]}
     [ "$s" -eq 0 ] || { echo "{\"bench\": \"gpu_check\", \"failed\": \"$*\", \"rc\": $s}" | tee -a "$log"; rc=1; }
 }
+if [ "$part" = kernel ] || [ "$part" = all ]; then
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_abs_grad.py 2>&1 | tail -3 | tee -a "$log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || { echo '{"bench": "gpu_check", "failed": "kernel tests"}' | tee -a "$log"; rc=1; }
+fi
 if [ "$part" = score ] || [ "$part" = all ]; then
     run 330 python3 benchmarks/bench_score.py --shape "${tiny:-llama2-7b}"
 fi

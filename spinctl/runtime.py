@@ -62,9 +62,19 @@ def resolve_device(device: str):
 
 
 def resolve_dtype(dtype: str, device):
+    """auto: bf16 on a CUDA device that supports it (compute capability 8.0+), else fp16 there
+    (with snip's loss scale), fp32 on CPU. An explicit bfloat16 on a GPU without it is an error."""
     import torch
 
-    return getattr(torch, dtype) if dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type != "cuda":
+        return torch.float32 if dtype == "auto" else getattr(torch, dtype)
+    try:
+        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)  # emulated bf16 is slow
+    except TypeError:  # torch before 2.4 has no such flag
+        bf16 = torch.cuda.is_bf16_supported()
+    if dtype == "bfloat16" and not bf16:
+        raise UnsupportedError(f"{device}: this GPU has no native bfloat16; use --dtype float16 or float32")
+    return getattr(torch, dtype) if dtype != "auto" else torch.bfloat16 if bf16 else torch.float16
 
 
 def check_model_dir(path: Path) -> None:

@@ -180,3 +180,22 @@ def test_cpu_plan_keeps_rss_under_the_budget(tiny_model, monkeypatch):
     tight = _plan(auto(max_memory=GiB + (3 << 20)), loaded, targets, data)  # 3 MiB of room
     assert 1 <= tight[0] < CUDA_MAX_BATCH and 300 <= tight[1] < CPU_TOKENS
     assert _plan(auto(max_memory=GiB // 2), loaded, targets, data) == (1, 300)  # over budget already: one sample
+
+
+def test_auto_dtype_checks_bf16_support(monkeypatch):
+    """auto takes bf16 only where the GPU has it natively (compute capability 8.0+), else
+    fp16 (snip scales its loss); asking for bf16 there is a one-line error."""
+    import torch
+
+    from spinctl.errors import UnsupportedError
+    from spinctl.runtime import resolve_dtype
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert resolve_dtype("auto", cuda) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert resolve_dtype("auto", cuda) is torch.float16
+    assert resolve_dtype("float32", cuda) is torch.float32
+    with pytest.raises(UnsupportedError, match="no native bfloat16; use --dtype float16 or float32"):
+        resolve_dtype("bfloat16", cuda)
+    assert resolve_dtype("auto", torch.device("cpu")) is torch.float32

@@ -44,10 +44,11 @@ class HeadLoss(torch.autograd.Function):
         for lo in range(0, h.shape[0], chunk):
             hi = min(lo + chunk, h.shape[0])
             rows, tgt, w = torch.arange(hi - lo, device=h.device), target[lo:hi], row_weight[lo:hi]
-            logits = F.linear(h[lo:hi], weight).float()  # [c, V]
-            lse = torch.logsumexp(logits, 1)
-            loss += torch.dot(lse - logits[rows, tgt], w)
-            p = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+            # log_softmax, as autograd's cross-entropy forms it: subtracting the max first keeps
+            # 1 - p_target accurate when p_target is near 1 (logits - logsumexp would lose it).
+            logp = torch.log_softmax(F.linear(h[lo:hi], weight).float(), 1)  # [c, V]
+            loss -= torch.dot(logp[rows, tgt], w)
+            p = logp.exp_()  # softmax, in place
             p[rows, tgt] -= 1
             grad[lo:hi] = p.mul_((w * scale)[:, None]).to(h.dtype) @ weight
         ctx.save_for_backward(grad)
