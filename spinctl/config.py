@@ -271,7 +271,7 @@ class ScoreConfig:
     )
     batch_size: int | None = option(
         None,
-        "samples per batch; auto: the largest that fits, halved on GPU out-of-memory",
+        "samples per batch; auto: planned under --max-memory (at most 512 padded tokens on cpu, 4096 on cuda), halved on GPU out-of-memory",
         check_batch,
         metavar="N|auto",
         cli=str,
@@ -289,7 +289,7 @@ class ScoreConfig:
     device: str = option("auto", "cuda when present", check_device, metavar="auto|cpu|cuda[:i]")
     dtype: str = option(
         "auto",
-        "bf16 on cuda, f32 on cpu; accumulation is always fp32 (float16 snip scales "
+        "bf16 on cuda (fp16 on a GPU without native bf16), f32 on cpu; accumulation is always fp32 (float16 snip scales "
         "the loss by 2^12 so per-sample gradients do not underflow)",
         check_choice(*DTYPES),
         metavar="auto|float32|bfloat16|float16",
