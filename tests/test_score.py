@@ -408,3 +408,32 @@ def test_benchmark_cpu_path_runs_tiny(tmp_path, bench_data):
     assert lines["per_sample_loop"]["topk_overlap_min"] == 1.0
     assert lines["reference_loop"]["topk_overlap_min"] >= 0.95  # per-sample |grad| summed in fp32
     assert all(v > 0 for k, v in lines["ratio"].items() if k.endswith(("_spinctl", "_pass")))
+
+
+def test_wanda_stops_after_the_last_scored_layer(tiny_model, data_csv, tmp_path, monkeypatch):
+    """wanda's forward runs no layer above the highest scored one (and no lm_head), with the
+    same scores for that layer as when every layer runs."""
+    import torch
+
+    import spinctl.runtime as rt
+    from spinctl.io.formats import read_scores
+
+    model = tiny_model()
+    calls = []
+    real_load = rt.load_model
+
+    def counted(*a, **k):
+        loaded = real_load(*a, **k)
+        for i, layer in enumerate(loaded.model.model.layers):
+            layer.register_forward_hook(lambda m, args, out, i=i: calls.append(i))
+        loaded.model.lm_head.register_forward_hook(lambda *args: calls.append("head"))
+        return loaded
+
+    monkeypatch.setattr("spinctl.scoring.engine.load_model", counted)
+    low, full = tmp_path / "low.safetensors", tmp_path / "full.safetensors"
+    run(model, data_csv, low, method="wanda", targets=r"re:layers\.0\.")
+    assert calls and set(calls) == {0}
+    run(model, data_csv, full, method="wanda")
+    a, b = read_scores(low), read_scores(full)
+    for name in a.indices:
+        assert torch.equal(torch.as_tensor(a.scores[name]), torch.as_tensor(b.scores[name]))
