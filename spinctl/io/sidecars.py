@@ -68,12 +68,7 @@ def write_manifest(path: Path, manifest: dict) -> None:
 
 
 def read_manifest(path: Path) -> dict:
-    try:
-        data = untrusted.loads(Path(path).read_text("utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{path}: no manifest; this is not a checkpoint patched by spinctl") from None
-    except (UnicodeDecodeError, ValueError) as e:
-        raise InputError(f"{path}: manifest is not valid JSON ({e})") from None
+    data = untrusted.read_json(path, "no manifest; this is not a checkpoint patched by spinctl", "manifest is ")
     if not isinstance(data, dict) or data.get("tool") != "spinctl" or not isinstance(data.get("files"), dict):
         raise InputError(f"{path}: not a spinctl manifest")
     bad = next((k for k, v in data["files"].items() if not isinstance(v, dict)), None)

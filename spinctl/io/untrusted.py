@@ -15,3 +15,18 @@ def loads(text: str | bytes, **kw):
         return json.loads(text, **kw)
     except RecursionError:
         raise ValueError(NESTED) from None
+
+
+def read_json(path, missing: str, label: str = ""):
+    """The JSON in a file, or an InputError: `PATH: {missing}` when there is no such file,
+    `PATH: {label}not valid JSON (reason)` when it cannot be decoded or parsed."""
+    from pathlib import Path
+
+    from spinctl.errors import InputError
+
+    try:
+        return loads(Path(path).read_text("utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: {missing}") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise InputError(f"{path}: {label}not valid JSON ({str(e).splitlines()[0]})") from None

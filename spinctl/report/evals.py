@@ -11,12 +11,7 @@ METRICS = ("perplexity", "awareness", "preference accuracy")  # the order of tab
 
 
 def read_eval_file(path: Path) -> dict:
-    try:
-        data = untrusted.loads(Path(path).read_text("utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such eval result file") from None
-    except (UnicodeDecodeError, ValueError) as e:
-        raise InputError(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
+    data = untrusted.read_json(path, "no such eval result file")
     if not isinstance(data, dict):
         raise InputError(f"{path}: not an eval result (a JSON object of spinctl eval, ppl or run --json)")
     return data
