@@ -24,7 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_stream import wait_rss  # noqa: E402
+from bench_score import read_topk  # noqa: E402
+from bench_stream import compare, compare_topk, wait_rss  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "alpaca_cleaned_no_safety_train_1k.csv"
 KEEP = 1e-3
@@ -64,22 +65,6 @@ def run_child(what: str, model: Path, data: Path, n: int, out: Path) -> tuple[fl
     return wait_rss(
         [sys.executable, "-c", CHILD, what, str(model), str(data), str(n), str(out), str(ROOT / "benchmarks")]
     )
-
-
-def compare(file: Path, ref: dict) -> dict:
-    """Top-K sets of `file` against `ref` (name -> (indices, scores)): tensors with the same set,
-    the smallest overlap, and the largest relative difference of a shared entry's score."""
-    from spinctl.io.formats import read_scores
-
-    ours = read_scores(file)
-    same, low, worst = 0, 1.0, 0.0
-    for name, (idx, sc) in ref.items():
-        a = dict(zip(ours.indices[name].tolist(), ours.scores[name].tolist()))
-        shared = [(a[i], s) for i, s in zip(idx.tolist(), sc.tolist()) if i in a]
-        same += len(shared) == len(idx) == len(a)
-        low = min(low, len(shared) / max(len(idx), 1))
-        worst = max([worst] + [abs(x - s) / s for x, s in shared if s > 0])
-    return {"tensors": len(ref), "same_sets": same, "min_overlap": round(low, 4), "max_rel_diff": float(f"{worst:.3g}")}
 
 
 def top_k_of(dense: Path) -> dict:
@@ -140,18 +125,15 @@ def main() -> None:
             target="<= 0.85 (the whole command)",
         )
         if args.compare:
-            from spinctl.io.formats import read_scores
-
-            old = read_scores(args.compare)
-            emit(
-                what="compare",
-                file=str(args.compare),
-                **compare(out, {n: (old.indices[n], old.scores[n]) for n in old.indices}),
-            )
+            emit(what="compare", file=str(args.compare), **compare(args.compare, out))
         if not args.skip_reference:
             dense = Path(tmp) / "reference.safetensors"
             _, _, ref = run_child("reference", model, args.data, args.rows, dense)
-            emit(what="reference_per_sample", pass_seconds=ref["pass_seconds"], **compare(out, top_k_of(dense)))
+            emit(
+                what="reference_per_sample",
+                pass_seconds=ref["pass_seconds"],
+                **compare_topk(top_k_of(dense), read_topk(out)),
+            )
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_score import corpus, parse_args  # noqa: E402
+from bench_score import corpus, parse_args, read_topk  # noqa: E402
 
 GPU_SHAPES = {  # layers, hidden, intermediate, heads, vocab, rows, shard size
     "llama2-13b": dict(layers=40, hidden=5120, intermediate=13824, heads=40, vocab=32000, rows=128, shard="5GB"),
@@ -105,21 +105,23 @@ def wait_rss(cmd: list[str], env: dict | None = None) -> tuple[float, int, dict]
 
 
 def compare(a: Path, b: Path) -> dict:
-    """Top-K agreement of two score files: identical sets?, mean/min overlap, largest relative score gap."""
+    """Top-K agreement of two score files (compare_topk)."""
+    return compare_topk(read_topk(a), read_topk(b))
+
+
+def compare_topk(x: dict, y: dict) -> dict:
+    """Top-K agreement of name -> (indices, scores): identical sets?, mean/min overlap, largest relative score gap."""
     import numpy as np
 
-    from spinctl.io.formats import read_scores
-
-    x, y = read_scores(a), read_scores(b)
     overlaps, gap = [], 0.0
-    for name, idx in x.indices.items():
-        other = y.indices[name]
+    for name, (idx, xs) in x.items():
+        other, ys = y[name]
         overlaps.append(len(set(idx.tolist()) & set(other.tolist())) / max(len(idx), 1))
         if len(idx) == len(other) and set(idx.tolist()) == set(other.tolist()):
-            xs, ys = x.scores[name][np.argsort(idx)], y.scores[name][np.argsort(other)]  # both by flat index
+            xs, ys = np.asarray(xs)[np.argsort(idx)], np.asarray(ys)[np.argsort(other)]  # both by flat index
             gap = max(gap, float(np.max(np.abs(ys - xs) / xs, initial=0)))
     return {
-        "same_topk": min(overlaps) == 1.0 and set(x.indices) == set(y.indices),
+        "same_topk": min(overlaps) == 1.0 and set(x) == set(y),
         "topk_overlap_mean": round(sum(overlaps) / len(overlaps), 6),
         "topk_overlap_min": round(min(overlaps), 6),
         "max_rel_score_diff": gap,
