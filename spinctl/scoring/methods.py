@@ -70,8 +70,6 @@ class Accumulator:
         """positions: bool [B, T], True where the position's own token is a response token."""
         self._batch = n_samples
         self._calls.clear()
-        if positions is not None and self.needs_grad:
-            self._lengths = true_lengths(positions)
 
     def _hook_for(self, name: str):
         def hook(module, args, output):
@@ -123,6 +121,10 @@ class SnipAccumulator(Accumulator):
 
     def stat_shape(self, module):
         return tuple(module.weight.shape)  # [out, in]
+
+    def begin_batch(self, n_samples, positions=None):
+        super().begin_batch(n_samples, positions)
+        self._lengths = true_lengths(positions) if positions is not None else []
 
     def on_forward(self, name, x, output):
         if not output.requires_grad:
