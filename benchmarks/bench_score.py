@@ -36,6 +36,12 @@ SHAPES = {  # layers, hidden, intermediate, heads, vocab, rows
 }
 
 
+def ratio(num: float, den: float) -> float:
+    """num/den to three significant figures: at toy sizes a fixed two decimals rounds a real
+    ratio such as 0.004 to zero."""
+    return float(f"{num / den:.3g}")
+
+
 def emit(**fields) -> None:
     print(json.dumps({"bench": "score", **fields}), flush=True)
 
@@ -204,12 +210,12 @@ def cpu_flow(args, shape: dict, work: Path) -> None:
         shape=args.shape,
         what="ratio",
         timed="cli" if cli_s is not None else "library",
-        reference_over_spinctl=round(ref_s / whole, 2),
-        per_sample_over_spinctl=round(loop_s / whole, 2),
-        training_step_over_spinctl=round(step_s / whole, 2),
-        reference_over_pass=round(ref_s / passed, 2),
-        per_sample_over_pass=round(loop_s / passed, 2),
-        training_step_over_pass=round(step_s / passed, 2),
+        reference_over_spinctl=ratio(ref_s, whole),
+        per_sample_over_spinctl=ratio(loop_s, whole),
+        training_step_over_spinctl=ratio(step_s, whole),
+        reference_over_pass=ratio(ref_s, passed),
+        per_sample_over_pass=ratio(loop_s, passed),
+        training_step_over_pass=ratio(step_s, passed),
         target="reference >= 10, per-sample >= 1.3 (whole command)",
     )
 
