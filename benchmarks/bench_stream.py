@@ -11,7 +11,10 @@ rows are padded past the tokenizer's vocabulary to reach --model-gb (~91k rows a
 in small models with large vocabularies. GPU: the model is built on the device, written as
 shards and freed; then in-memory scoring (no limit) and --stream scoring under
 torch.cuda.set_per_process_memory_fraction (a cap below the model's own size) run as child
-processes that report time and peak device memory.
+processes that report time and peak device memory. Both flows time the read-ahead
+(prefetch.py) against the same --stream run without it: on CUDA the default (on) against
+SPINCTL_PREFETCH=0, on CPU the --spill-dir run (where reads cost most; off by default) against
+SPINCTL_PREFETCH=1. The files must be byte-identical.
 """
 
 from __future__ import annotations
@@ -178,9 +181,12 @@ def cpu_flow(args, work: Path) -> None:
     if not args.no_spill:
         (work / "spill").mkdir()
         runs["stream_spill"] = ["--stream", "--spill-dir", str(work / "spill")]
-    rss = {}
+        runs["stream_spill_prefetch"] = runs["stream_spill"]  # read-ahead forced on: where reads cost most on CPU
+    rss, summaries = {}, {}
     for what, extra in runs.items():
-        wall, rss[what], summary = wait_rss(base + ["-o", str(work / f"{what}.safetensors"), *extra])
+        env = {**os.environ, "SPINCTL_PREFETCH": "1"} if what.endswith("_prefetch") else None
+        wall, rss[what], summary = wait_rss(base + ["-o", str(work / f"{what}.safetensors"), *extra], env)
+        summaries[what] = summary | {"peak_rss_bytes": rss[what]}
         emit(
             what=what,
             seconds=round(wall, 2),
@@ -192,8 +198,10 @@ def cpu_flow(args, work: Path) -> None:
             batch_size=summary["batch_size"],
             activation_peak_bytes=summary.get("activation_peak_bytes"),
         )
+    if "stream_spill" in runs:
+        prefetch_line("stream_spill_prefetch", "stream_spill", summaries, work)
     for what in runs:
-        if what != "in_memory":
+        if what not in ("in_memory", "stream_spill_prefetch"):
             emit(
                 what=f"{what}_vs_in_memory",
                 rss_ratio=round(rss[what] / rss["in_memory"], 3),
@@ -202,6 +210,21 @@ def cpu_flow(args, work: Path) -> None:
                 method=args.method,
                 **compare(work / "in_memory.safetensors", work / f"{what}.safetensors"),
             )
+
+
+def prefetch_line(on: str, off: str, summaries: dict, work: Path) -> None:
+    """The read-ahead's effect (prefetch.py): two runs that differ only in it; the same bytes expected."""
+    a, b = summaries[on], summaries[off]
+    emit(
+        what="prefetch",
+        runs=[on, off],
+        pass_seconds_on=a["pass_seconds"],
+        pass_seconds_off=b["pass_seconds"],
+        off_over_on=round(b["pass_seconds"] / a["pass_seconds"], 3),
+        peak_rss_bytes_on=a["peak_rss_bytes"],
+        peak_rss_bytes_off=b["peak_rss_bytes"],
+        same_bytes=(work / f"{on}.safetensors").read_bytes() == (work / f"{off}.safetensors").read_bytes(),
+    )
 
 
 CHILD = """
@@ -269,9 +292,16 @@ def gpu_flow(args, work: Path) -> None:
         batch_size=args.batch_size,
     )
     res = {}
-    for what, extra, fraction in (("in_memory", {}, 1.0), ("stream", {"stream": True}, limit / total if cuda else 1.0)):
+    capped = limit / total if cuda else 1.0
+    for what, extra, fraction, prefetch in (
+        ("in_memory", {}, 1.0, None),
+        ("stream", {"stream": True}, capped, "1"),  # the default on CUDA; forced so --shape tiny on CPU tests it
+        ("stream_no_prefetch", {"stream": True}, capped, "0"),
+    ):
         o = {**opts, **extra, "output": str(work / f"{what}.safetensors")}
-        wall, rss, res[what] = wait_rss([sys.executable, "-c", CHILD, json.dumps(o), str(fraction)])
+        env = {**os.environ, "SPINCTL_PREFETCH": prefetch} if prefetch else None
+        wall, rss, res[what] = wait_rss([sys.executable, "-c", CHILD, json.dumps(o), str(fraction)], env)
+        res[what]["summary"]["peak_rss_bytes"] = rss
         s = res[what]["summary"]
         emit(
             what=what,
@@ -289,6 +319,7 @@ def gpu_flow(args, work: Path) -> None:
             batch_size=s["batch_size"],
         )
     peak = res["stream"].get("max_allocated")
+    prefetch_line("stream", "stream_no_prefetch", {k: v["summary"] for k, v in res.items()}, work)
     emit(
         what="stream_vs_in_memory",
         shape=args.shape,

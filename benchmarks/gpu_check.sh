@@ -60,6 +60,6 @@ if [ "$part" = score ] || [ "$part" = all ]; then
     run 330 python3 benchmarks/bench_score.py --shape "${tiny:-llama2-7b}"
 fi
 if [ "$part" = stream ] || [ "$part" = all ]; then
-    run 420 python3 benchmarks/bench_stream.py --gpu --shape "${tiny:-llama2-13b}"
+    run 560 python3 benchmarks/bench_stream.py --gpu --shape "${tiny:-llama2-13b}"
 fi
 exit $rc

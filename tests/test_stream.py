@@ -70,14 +70,15 @@ def test_stream_equals_in_memory(tiny_model, data_csv, tmp_path, arch, method):
 
 
 def test_one_layer_at_a_time_and_progress(tiny_model, data_csv, tmp_path, monkeypatch):
-    """At most one decoder layer holds real weights at any moment; progress ends at its total."""
+    """At most one decoder layer is in the model at any moment (prefetch.py reads the next one
+    beside it, test_prefetch.py); progress ends at its total."""
     from spinctl.scoring.layerwise_model import Skeleton
 
     model = sharded(tiny_model, "llama")
     real_load, most = Skeleton.load, []
 
-    def load(self, layer):
-        real_load(self, layer)
+    def load(self, layer, fetched=None):
+        real_load(self, layer, fetched)
         live = [i for i, lay in enumerate(self.layers) if any(p.device.type != "meta" for p in lay.parameters())]
         most.append(len(live))
 
@@ -282,6 +283,8 @@ def test_benchmark_gpu_path_runs_tiny(tmp_path, bench_data):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = [json.loads(line) for line in res.stdout.splitlines()]
-    assert [line["what"] for line in lines] == ["build", "in_memory", "stream", "stream_vs_in_memory"]
+    whats = ["build", "in_memory", "stream", "stream_no_prefetch", "prefetch", "stream_vs_in_memory"]
+    assert [line["what"] for line in lines] == whats
+    assert lines[-2]["same_bytes"] is True  # read-ahead moves reads only (prefetch.py)
     # --stream promises the same scores (README): the same top-K set for every tensor.
     assert lines[-1]["same_topk"] is True, lines[-1]

@@ -40,6 +40,7 @@ from spinctl.scoring.common import (
 from spinctl.scoring.layerwise_model import build_skeleton, call_layer, catch_layer_inputs
 from spinctl.scoring.layerwise_store import Boundaries
 from spinctl.scoring.methods import METHODS, Method
+from spinctl.scoring.prefetch import Prefetcher
 from spinctl.scoring.targets import select_targets
 
 HEAD_BYTES = 256 << 20  # the head's working memory: a chunk of logits (head.CHUNK_BYTES), its softmax, temporaries
@@ -62,7 +63,9 @@ def plan_batches(cfg, sk, targets, samples) -> tuple[int, int | None]:
     c, item = sk.model.config, sk.dtype.itemsize
     D = c.hidden_size
     inter = getattr(c, "intermediate_size", None) or 4 * D
-    per_token = 2 * (9 * D + 4 * inter) * item  # one layer's saved activations and their gradients
+    # One layer's saved activations and their gradients, and the next batch's input and output
+    # gradient read ahead (prefetch.py).
+    per_token = (2 * (9 * D + 4 * inter) + 2 * D) * item
     per_sample = max(t.module.weight.numel() for t in targets) * (item + 4)  # a per-sample weight gradient, fp32 copy
     layer = max(sum(p.numel() for p in lay.parameters()) for lay in sk.layers) * item
     outer = (
@@ -110,8 +113,10 @@ def check_host_memory(cfg, sk, batches, first: int, pinned: bool) -> None:
 class _Sweeps:
     """The two sweeps over one model and one set of batches; `entries` collects top-K per weight."""
 
-    def __init__(self, cfg, sk, targets, batches, store, nsamples: int, progress, ctx, loss_scale: float = 1.0):
-        self.cfg, self.sk, self.batches, self.store = cfg, sk, batches, store
+    def __init__(self, cfg, sk, targets, batches, store, pf, nsamples: int, progress, ctx, loss_scale: float = 1.0):
+        self.cfg, self.sk, self.batches, self.store, self.pf = cfg, sk, batches, store, pf
+        # In host memory on CPU a slot's tensor is handed out as it is: nothing to read ahead.
+        self.read_ahead = store.dir is not None or sk.device.type == "cuda"
         self.loss_scale = loss_scale  # snip: the head's loss is multiplied by it (score.LOSS_SCALE_LOG2)
         self.nsamples = nsamples  # all samples of the run (wanda's N), whatever this rank scores
         self.by_layer: dict[int, dict] = {}
@@ -140,6 +145,22 @@ class _Sweeps:
         modules = self.by_layer.get(layer)
         return METHODS[self.cfg.method](modules) if modules else None
 
+    def _load(self, part, nxt=None) -> None:
+        """A part onto the device (its read started while the one before computed), and part
+        nxt's read started."""
+        sk = self.sk
+        sk.load(part, self.pf.take(("part", part), lambda: sk.fetch(part)))
+        if nxt is not None:
+            self.pf.ahead(("part", nxt), lambda: sk.fetch(nxt))
+
+    def _get(self, slot: int, b: int):
+        """store.get(slot, b), read while batch b - 1 computed; batch b + 1's read started."""
+        store = self.store
+        x = self.pf.take(("slot", slot, b), lambda: store.get(slot, b))
+        if self.read_ahead and b + 1 < len(self.batches):
+            self.pf.ahead(("slot", slot, b + 1), lambda: store.get(slot, b + 1))
+        return x
+
     def _finish(self, acc) -> None:
         """All-reduce (a no-op in one process), then rank 0 takes this layer's top-K; the accumulators go."""
         from spinctl.scoring.engine import topk_entries
@@ -157,7 +178,7 @@ class _Sweeps:
         from spinctl.scoring.engine import collate
 
         sk = self.sk
-        sk.load("embed")
+        self._load("embed", 0)
         for b, batch in enumerate(self.batches):
             ids, labels, positions = collate(batch, pad_id, sk.device)
             hidden, calls = catch_layer_inputs(sk, ids)
@@ -173,11 +194,11 @@ class _Sweeps:
 
         sk, store = self.sk, self.store
         for l in range(self.n_fwd):
-            sk.load(l)
+            self._load(l, l + 1 if l + 1 < self.n_fwd else "head" if self.snip else None)
             acc = None if self.snip else self._accumulator(l)
             with acc if acc is not None else contextlib.nullcontext(), torch.no_grad():
                 for b, batch in enumerate(self.batches):
-                    x = store.get(l, b)  # [B, T, D]
+                    x = self._get(l, b)  # [B, T, D]
                     if acc is not None:
                         acc.begin_batch(len(batch), self.positions[b])
                     y = call_layer(sk.layers[l], x, self.calls[b][l])
@@ -200,10 +221,10 @@ class _Sweeps:
         from spinctl.scoring.head import head_loss
 
         sk, store = self.sk, self.store
-        sk.load("head")
+        self._load("head")
         norm, lm_head = sk.head()
         for b, batch in enumerate(self.batches):
-            h = store.get(self.L, b).detach().requires_grad_()  # [B, T, D]
+            h = self._get(self.L, b).detach().requires_grad_()  # [B, T, D]
             with torch.enable_grad():
                 head_loss(norm(h), self.labels[b], lm_head, self.loss_scale).backward()  # row s: dL_s/dh_s
             store.put(self.L, b, h.grad)
@@ -215,12 +236,12 @@ class _Sweeps:
 
         sk, store = self.sk, self.store
         for l in range(self.L - 1, self.first - 1, -1):
-            sk.load(l)
+            self._load(l, l - 1 if l > self.first else None)
             acc = self._accumulator(l)
             with acc if acc is not None else contextlib.nullcontext(), torch.enable_grad():
                 for b, batch in enumerate(self.batches):
-                    x = store.get(l, b).detach().requires_grad_()  # [B, T, D], the saved input
-                    g = store.get(l + 1, b)  # [B, T, D], dL/d(output)
+                    x = self._get(l, b).detach().requires_grad_()  # [B, T, D], the saved input
+                    g = self._get(l + 1, b)  # [B, T, D], dL/d(output)
                     if acc is not None:
                         acc.begin_batch(len(batch), self.positions[b])
                     call_layer(sk.layers[l], x, self.calls[b][l]).backward(g)  # hooks add Σ_b |gy_bᵀ x_b|
@@ -263,8 +284,9 @@ def score_streamed(cfg, rows, picked, ckpt, progress=None, t0: float | None = No
     t_pass = time.perf_counter()
     scale_log2 = loss_scale_log2(dtype) if cfg.method is Method.SNIP else 0
     while True:
-        with Boundaries(device, cfg.spill_dir) as store:
-            sweeps = _Sweeps(cfg, sk, targets, batches, store, len(cal.samples), progress, ctx, 2.0**scale_log2)
+        # The prefetcher closes first: a read in flight may still use the store.
+        with Boundaries(device, cfg.spill_dir) as store, Prefetcher(device) as pf:
+            sweeps = _Sweeps(cfg, sk, targets, batches, store, pf, len(cal.samples), progress, ctx, 2.0**scale_log2)
             try:
                 sweeps.catch(pad_id)
                 sweeps.forward()

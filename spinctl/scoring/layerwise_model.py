@@ -96,29 +96,45 @@ class Skeleton:
             for n, _ in m.named_parameters(remove_duplicate=False)
         }
 
-    def load(self, part: int | str) -> None:
-        """A part's weights (see `param_groups`) from the shards onto the device."""
+    def fetch(self, part: int | str) -> dict[str, Any]:
+        """A part's weights read onto the device but not yet in the model, by name: what `load`
+        installs. Reads files only, so it may run on prefetch.py's worker thread."""
+        return {g[0][2]: self._read(g) for g in self.param_groups(part) if self._on_meta(g)}
+
+    def load(self, part: int | str, fetched: dict[str, Any] | None = None) -> None:
+        """A part's weights (see `param_groups`) onto the device: those in `fetched`, the rest read now."""
         import torch.nn as nn
 
+        fetched = fetched or {}
         for group in self.param_groups(part):
-            owner, attr, _ = group[0]
-            meta = getattr(owner, attr)
-            if meta.device.type != "meta":
+            if not self._on_meta(group):
                 continue  # loaded already (a tied weight)
-            entry = next((self.ckpt.tensors[n] for _, _, n in group if n in self.ckpt.tensors), None)
-            if entry is None:
-                raise UnsupportedError(
-                    f"{self.path}: the checkpoint lacks {group[0][2]}, which the model needs; "
-                    f"is it complete and of this architecture?"
-                )
-            if tuple(entry.shape) != tuple(meta.shape):
-                raise UnsupportedError(
-                    f"{self.path}: tensor {entry.name} is stored as {list(entry.shape)}, the model "
-                    f"needs {list(meta.shape)}; is the config of this checkpoint?"
-                )
-            p = nn.Parameter(read_tensor(entry, self.device, meta.dtype), requires_grad=False)
+            t = fetched.get(group[0][2])
+            p = nn.Parameter(self._read(group) if t is None else t, requires_grad=False)
             for owner, attr, _ in group:
                 owner._parameters[attr] = p
+
+    @staticmethod
+    def _on_meta(group) -> bool:
+        owner, attr, _ = group[0]
+        return getattr(owner, attr).device.type == "meta"
+
+    def _read(self, group):
+        """One parameter (all names of a tied one) from the shards, checked against the model's shape."""
+        owner, attr, _ = group[0]
+        meta = getattr(owner, attr)
+        entry = next((self.ckpt.tensors[n] for _, _, n in group if n in self.ckpt.tensors), None)
+        if entry is None:
+            raise UnsupportedError(
+                f"{self.path}: the checkpoint lacks {group[0][2]}, which the model needs; "
+                f"is it complete and of this architecture?"
+            )
+        if tuple(entry.shape) != tuple(meta.shape):
+            raise UnsupportedError(
+                f"{self.path}: tensor {entry.name} is stored as {list(entry.shape)}, the model "
+                f"needs {list(meta.shape)}; is the config of this checkpoint?"
+            )
+        return read_tensor(entry, self.device, meta.dtype)
 
     def unload(self, part: int | str) -> None:
         """Back to meta: the device memory of those weights is free again."""
