@@ -312,7 +312,7 @@ def gpu_flow(args, work: Path) -> None:
             peak_device_reserved_bytes=res[what].get("max_reserved"),
             peak_device_gib=round(res[what]["max_allocated"] / 2**30, 2) if "max_allocated" in res[what] else None,
             limit_applied=res[what]["limit_applied"],
-            limit_bytes=limit if what == "stream" else None,
+            limit_bytes=limit if what.startswith("stream") else None,
             peak_rss_bytes=rss,
             samples=s["samples"],
             tokens=s["tokens"],
