@@ -40,7 +40,7 @@ from spinctl.scoring.common import (
 from spinctl.scoring.layerwise_model import build_skeleton, call_layer, catch_layer_inputs
 from spinctl.scoring.layerwise_store import Boundaries
 from spinctl.scoring.methods import METHODS, Method
-from spinctl.scoring.prefetch import Prefetcher
+from spinctl.scoring.prefetch import Prefetcher, copy_stream
 from spinctl.scoring.targets import select_targets
 
 HEAD_BYTES = 256 << 20  # the head's working memory: a chunk of logits (head.CHUNK_BYTES), its softmax, temporaries
@@ -285,7 +285,8 @@ def score_streamed(cfg, rows, picked, ckpt, progress=None, t0: float | None = No
     scale_log2 = loss_scale_log2(dtype) if cfg.method is Method.SNIP else 0
     while True:
         # The prefetcher closes first: a read in flight may still use the store.
-        with Boundaries(device, cfg.spill_dir) as store, Prefetcher(device) as pf:
+        side = copy_stream(device)  # CUDA: boundary and weight copies off the compute stream
+        with Boundaries(device, cfg.spill_dir, side) as store, Prefetcher(device, side) as pf:
             sweeps = _Sweeps(cfg, sk, targets, batches, store, pf, len(cal.samples), progress, ctx, 2.0**scale_log2)
             try:
                 sweeps.catch(pad_id)

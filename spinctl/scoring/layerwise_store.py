@@ -51,9 +51,12 @@ class Boundaries:
     read and written with pread/pwrite: the page cache holds it, not this process (no mmap,
     so it never counts in the RSS)."""
 
-    def __init__(self, device, spill_dir: Path | None = None):
+    def __init__(self, device, spill_dir: Path | None = None, side=None):
+        """side: a CUDA stream for the device-to-host copies of `put` (prefetch.copy_stream), so
+        that they stay off the compute stream; None puts them on the current stream."""
         self.device = device
         self.pin = device.type == "cuda"
+        self.side = side
         self.mem: dict[int, dict[int, object]] = {}
         self.files: dict[
             int, tuple[int, dict[int, tuple[int, tuple, object]]]
@@ -83,7 +86,13 @@ class Boundaries:
             old = self.mem.setdefault(slot, {}).get(batch)
             if t.device.type != "cpu":
                 host = self._host_empty(t.shape, t.dtype)
-                host.copy_(t, non_blocking=True)  # stream-ordered: get() copies it back on the same stream
+                if self.side is None:
+                    host.copy_(t, non_blocking=True)  # stream-ordered: get() copies it back on the same stream
+                else:
+                    self.side.wait_stream(torch.cuda.current_stream(self.device))  # t is computed
+                    with torch.cuda.stream(self.side):
+                        host.copy_(t, non_blocking=True)
+                    t.record_stream(self.side)  # its memory is not reused before the copy ends
                 t = host
             self.mem[slot][batch] = t
             self._count(nbytes - (old.numel() * old.element_size() if old is not None else 0))
@@ -112,6 +121,8 @@ class Boundaries:
         import torch
 
         if self.dir is None:
+            if self.side is not None:  # after put's copy: a no-op on the side stream itself (prefetch.py)
+                torch.cuda.current_stream(self.device).wait_stream(self.side)
             return self.mem[slot][batch].to(self.device, non_blocking=True)
         fd, where = self.files[slot]
         offset, shape, dtype = where[batch]

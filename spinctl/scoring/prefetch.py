@@ -28,14 +28,22 @@ def enabled(device) -> bool:
     return env == "1" if env in ("0", "1") else device.type == "cuda"
 
 
-class Prefetcher:
-    def __init__(self, device):
-        import torch
+def copy_stream(device):
+    """The side stream that carries --stream's copies both ways (here and layerwise_store.Boundaries),
+    or None: on CPU, or with the read-ahead off (every copy on the compute stream, the baseline)."""
+    import torch
 
+    return torch.cuda.Stream(device) if device.type == "cuda" and enabled(device) else None
+
+
+class Prefetcher:
+    def __init__(self, device, side=None):
+        """side: copy_stream(device) (made here if not given), shared with the store so that copies
+        both ways keep one order."""
         self.device = device
         self.on = enabled(device)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="spinctl-prefetch") if self.on else None
-        self.side = torch.cuda.Stream(device) if self.on and device.type == "cuda" else None
+        self.side = side if side is not None else copy_stream(device)
         self.pending: dict[Hashable, Future] = {}
 
     def __enter__(self) -> Prefetcher:
