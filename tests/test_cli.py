@@ -28,6 +28,34 @@ def test_usage_error_exits_2():
     assert cli("no-such-command").returncode == 2
 
 
+# `spinctl` run from a script that registers an atexit handler and may leave a thread running.
+EXIT = """
+import atexit, sys, threading, time
+from pathlib import Path
+atexit.register(print, "atexit ran")
+flag = Path(sys.argv[2])
+if sys.argv[1] == "thread":  # a non-daemon thread still working when the command ends
+    threading.Thread(target=lambda: (time.sleep(0.5), flag.write_text("done"))).start()
+sys.argv = ["spinctl", *sys.argv[3:]]
+from spinctl.cli import main
+main()
+print("not reached")
+"""
+
+
+@pytest.mark.parametrize("thread", [False, True])
+def test_exit_skips_teardown_but_not_output_atexit_or_threads(tmp_path, thread):
+    """cli._exit: the exit code, flushed output and atexit handlers are those of an ordinary exit,
+    and a thread still running is waited for."""
+    flag = tmp_path / "flag"
+    r = python("-c", EXIT, "thread" if thread else "-", flag, "inspect", tmp_path / "missing.safetensors")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "missing.safetensors" in r.stderr
+    assert r.stdout == "atexit ran\n"
+    assert flag.exists() == thread
+    r = python("-c", EXIT, "-", flag, "--help")
+    assert r.returncode == 0 and "patch" in r.stdout and r.stdout.endswith("atexit ran\n")
+
+
 def test_json_prints_exactly_one_object(tiny_model, tmp_path):
     model = tiny_model("llama", "float32")
     files = [fake_scores(model, tmp_path / f"s{i}.safetensors", seed=i) for i in range(2)]
