@@ -121,8 +121,10 @@ class Boundaries:
         import torch
 
         if self.dir is None:
-            if self.side is not None:  # after put's copy: a no-op on the side stream itself (prefetch.py)
-                torch.cuda.current_stream(self.device).wait_stream(self.side)
+            if self.side is not None:  # after put's copy (prefetch.py's worker reads on the side stream itself)
+                stream = torch.cuda.current_stream(self.device)
+                if stream != self.side:
+                    stream.wait_stream(self.side)
             return self.mem[slot][batch].to(self.device, non_blocking=True)
         fd, where = self.files[slot]
         offset, shape, dtype = where[batch]
