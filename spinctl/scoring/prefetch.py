@@ -8,9 +8,9 @@ no longer writes. On CUDA the side stream first waits for everything the compute
 queued when `ahead` was called (a slot's device-to-host copy, say), and the compute stream
 waits for the side stream's copies before it uses their result.
 
-On by default on CUDA only. On CPU the reads are copies from the page cache that cost about
-0.5% of a layer's compute (bench_stream: 1.005x with it on), while the worker's buffers come
-from another glibc malloc arena that is not handed back to the system (+0.23 GB peak RSS on
+On by default on CUDA only. On CPU the reads are copies from the page cache, small next to a
+layer's compute (two bench_stream runs, spilling: 1.005x and 0.955x with it on), while the
+worker's buffers come from another glibc malloc arena that is not handed back to the system (+0.23 GB peak RSS on
 bench_stream's model). SPINCTL_PREFETCH=1 turns it on anywhere (the tests, a CPU run spilling
 to a slow disk), SPINCTL_PREFETCH=0 off (bench_stream's baseline on CUDA).
 """
