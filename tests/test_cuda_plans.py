@@ -64,14 +64,14 @@ def on_cuda(tiny_model):
 
 
 def check_plan(plan, longest: int) -> None:
-    from spinctl.scoring.common import CUDA_MAX_BATCH
+    from spinctl.scoring.common import MAX_BATCH
 
     batch, budget = plan
-    assert 1 <= batch <= CUDA_MAX_BATCH and budget >= longest
+    assert 1 <= batch <= MAX_BATCH and budget >= longest
 
 
 def test_in_memory_plan(fake_cuda, on_cuda):
-    from spinctl.scoring.common import CUDA_MAX_BATCH, CUDA_TOKENS
+    from spinctl.scoring.common import CUDA_TOKENS, MAX_BATCH
     from spinctl.scoring.engine import _plan
     from spinctl.scoring.targets import select_targets
 
@@ -79,7 +79,7 @@ def test_in_memory_plan(fake_cuda, on_cuda):
     targets = select_targets(loaded.model, "mlp", path)
     data = samples(300, 120, 40)
     roomy = _plan(AUTO, loaded, targets, data)
-    assert roomy == (CUDA_MAX_BATCH, CUDA_TOKENS)  # a tiny model on a large device: the caps rule
+    assert roomy == (MAX_BATCH, CUDA_TOKENS)  # a tiny model on a large device: the caps rule
     fake_cuda["free"] = 4 << 20
     tight = _plan(AUTO, loaded, targets, data)
     check_plan(tight, 300)
@@ -92,19 +92,19 @@ def test_in_memory_plan(fake_cuda, on_cuda):
 
 
 def test_stream_plan_obeys_the_process_fraction(fake_cuda, on_cuda):
-    from spinctl.scoring.common import CUDA_MAX_BATCH, CUDA_TOKENS
+    from spinctl.scoring.common import CUDA_TOKENS, MAX_BATCH
     from spinctl.scoring.layerwise import HEAD_BYTES, plan_batches
     from spinctl.scoring.targets import select_targets
 
     path, _, sk = on_cuda
     targets = select_targets(sk.model, "all", path)
     data = samples(200, 50)
-    assert plan_batches(AUTO, sk, targets, data) == (CUDA_MAX_BATCH, CUDA_TOKENS)
+    assert plan_batches(AUTO, sk, targets, data) == (MAX_BATCH, CUDA_TOKENS)
     # set_per_process_memory_fraction caps what this process may take, however much is free
     fake_cuda["fraction"] = (HEAD_BYTES + (10 << 20)) / fake_cuda["total"]
     capped = plan_batches(AUTO, sk, targets, data)
     check_plan(capped, 200)
-    assert capped[0] < CUDA_MAX_BATCH and capped[1] < CUDA_TOKENS
+    assert capped[0] < MAX_BATCH and capped[1] < CUDA_TOKENS
     fake_cuda["allocated"] = 4 << 20  # what the process holds already comes off its share
     smaller = plan_batches(AUTO, sk, targets, data)
     check_plan(smaller, 200)
@@ -118,13 +118,13 @@ def test_stream_plan_without_the_fraction_query(fake_cuda, on_cuda, monkeypatch)
     """torch before 2.6 has no get_per_process_memory_fraction: the plan takes the whole device."""
     import torch
 
-    from spinctl.scoring.common import CUDA_MAX_BATCH, CUDA_TOKENS
+    from spinctl.scoring.common import CUDA_TOKENS, MAX_BATCH
     from spinctl.scoring.layerwise import plan_batches
     from spinctl.scoring.targets import select_targets
 
     monkeypatch.delattr(torch.cuda, "get_per_process_memory_fraction", raising=False)
     path, _, sk = on_cuda
-    assert plan_batches(AUTO, sk, select_targets(sk.model, "mlp", path), samples(30)) == (CUDA_MAX_BATCH, CUDA_TOKENS)
+    assert plan_batches(AUTO, sk, select_targets(sk.model, "mlp", path), samples(30)) == (MAX_BATCH, CUDA_TOKENS)
 
 
 def test_max_memory_caps_the_cuda_plans(fake_cuda, on_cuda):
@@ -165,7 +165,7 @@ def test_cpu_plan_keeps_rss_under_the_budget(tiny_model, monkeypatch):
     process's resident memory; the throughput cap rules when there is plenty."""
     from spinctl.runtime import load_model
     from spinctl.scoring import common
-    from spinctl.scoring.common import CPU_TOKENS, CUDA_MAX_BATCH
+    from spinctl.scoring.common import CPU_TOKENS, MAX_BATCH
     from spinctl.scoring.engine import _plan
     from spinctl.scoring.targets import select_targets
 
@@ -175,10 +175,10 @@ def test_cpu_plan_keeps_rss_under_the_budget(tiny_model, monkeypatch):
     data = samples(300, 120, 40)
     monkeypatch.setattr(common, "rss_bytes", lambda: 1 * GiB)
     monkeypatch.setattr(common, "host_memory_bytes", lambda: 64 * GiB)
-    assert _plan(AUTO, loaded, targets, data) == (CUDA_MAX_BATCH, CPU_TOKENS)
+    assert _plan(AUTO, loaded, targets, data) == (MAX_BATCH, CPU_TOKENS)
     assert common.plan_room(None, loaded.device) == (32 * GiB, 31 * GiB)
     tight = _plan(auto(max_memory=GiB + (3 << 20)), loaded, targets, data)  # 3 MiB of room
-    assert 1 <= tight[0] < CUDA_MAX_BATCH and 300 <= tight[1] < CPU_TOKENS
+    assert 1 <= tight[0] < MAX_BATCH and 300 <= tight[1] < CPU_TOKENS
     assert _plan(auto(max_memory=GiB // 2), loaded, targets, data) == (1, 300)  # over budget already: one sample
 
 

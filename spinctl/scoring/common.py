@@ -19,7 +19,7 @@ from spinctl.scoring.layerwise_store import HOST_FRACTION, host_memory_bytes
 # one run each: 512-token batches 46 s, 1024-token 51 s, 8 whole samples 59 s at 3.5 GB).
 CPU_TOKENS = 512
 CUDA_TOKENS = 4096  # padded tokens per batch on CUDA: saturates an H200, keeps 7B under 64 GiB
-CUDA_MAX_BATCH = 64  # samples per batch, on either device
+MAX_BATCH = 64  # samples per batch, on either device
 # fp16 has 5 exponent bits: a per-sample gradient of a mean token loss (at the logits about
 # 1 / (response tokens · vocab)) falls below its smallest subnormal, 6e-8, and becomes zero.
 # snip's backward runs on the loss times 2^k; the fp32 accumulators are divided by 2^k after

@@ -16,9 +16,9 @@ from spinctl.scoring import data as data_mod
 from spinctl.scoring import distributed
 from spinctl.scoring.common import (
     CPU_TOKENS,
-    CUDA_MAX_BATCH,
     CUDA_TOKENS,
     LOSS_SCALE_STEP,
+    MAX_BATCH,
     ScoreSummary,
     check_checkpoint,
     loss_scale_log2,
@@ -157,7 +157,7 @@ def _plan(cfg: ScoreConfig, loaded: LoadedModel, targets, samples) -> tuple[int,
         per_token, per_sample = (4 * D + 3 * inter) * item, 0
     room = plan_room(cfg.max_memory, loaded.device)[1]
     longest = max(len(s.ids) for s in samples)
-    batch = max(1, min(CUDA_MAX_BATCH, int(room // (longest * per_token + per_sample))))
+    batch = max(1, min(MAX_BATCH, int(room // (longest * per_token + per_sample))))
     return batch, max(longest, min(CUDA_TOKENS if cuda else CPU_TOKENS, int(room // per_token)))
 
 

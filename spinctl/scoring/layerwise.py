@@ -26,9 +26,9 @@ from spinctl.scoring import data as data_mod
 from spinctl.scoring import distributed, layerwise_store
 from spinctl.scoring.common import (
     CPU_TOKENS,
-    CUDA_MAX_BATCH,
     CUDA_TOKENS,
     LOSS_SCALE_STEP,
+    MAX_BATCH,
     ScoreSummary,
     check_checkpoint,
     loss_scale_log2,
@@ -59,7 +59,7 @@ def plan_batches(cfg, sk, targets, samples) -> tuple[int, int | None]:
     if cfg.batch_size is not None:
         return cfg.batch_size, None
     if sk.device.type != "cuda":  # one layer's activations at a time: the throughput cap rules
-        return CUDA_MAX_BATCH, CPU_TOKENS
+        return MAX_BATCH, CPU_TOKENS
     c, item = sk.model.config, sk.dtype.itemsize
     D = c.hidden_size
     inter = getattr(c, "intermediate_size", None) or 4 * D
@@ -81,7 +81,7 @@ def plan_batches(cfg, sk, targets, samples) -> tuple[int, int | None]:
         free = min(free, cfg.max_memory - torch.cuda.memory_allocated(dev))
     free = max(0.0, (free - 2 * layer - outer - acc - HEAD_BYTES) * 0.85)
     longest = max((len(s.ids) for s in samples), default=1)
-    batch = max(1, min(CUDA_MAX_BATCH, int(free // (longest * per_token + per_sample))))
+    batch = max(1, min(MAX_BATCH, int(free // (longest * per_token + per_sample))))
     return batch, max(longest, min(CUDA_TOKENS, int(free // per_token)))
 
 
@@ -115,8 +115,6 @@ class _Sweeps:
 
     def __init__(self, cfg, sk, targets, batches, store, pf, nsamples: int, progress, ctx, loss_scale: float = 1.0):
         self.cfg, self.sk, self.batches, self.store, self.pf = cfg, sk, batches, store, pf
-        # In host memory on CPU a slot's tensor is handed out as it is: nothing to read ahead.
-        self.read_ahead = store.dir is not None or sk.device.type == "cuda"
         self.loss_scale = loss_scale  # snip: the head's loss is multiplied by it (score.LOSS_SCALE_LOG2)
         self.nsamples = nsamples  # all samples of the run (wanda's N), whatever this rank scores
         self.by_layer: dict[int, dict] = {}
@@ -157,7 +155,7 @@ class _Sweeps:
         """store.get(slot, b), read while batch b - 1 computed; batch b + 1's read started."""
         store = self.store
         x = self.pf.take(("slot", slot, b), lambda: store.get(slot, b))
-        if self.read_ahead and b + 1 < len(self.batches):
+        if store.get_copies and b + 1 < len(self.batches):  # else there is nothing to read ahead
             self.pf.ahead(("slot", slot, b + 1), lambda: store.get(slot, b + 1))
         return x
 

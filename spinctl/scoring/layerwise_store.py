@@ -70,6 +70,12 @@ class Boundaries:
             except OSError as e:
                 raise OutputError(f"--spill-dir {spill_dir}: cannot create files there ({e.strerror})") from None
 
+    @property
+    def get_copies(self) -> bool:
+        """Whether `get` reads or copies (a spill file, a host-to-device copy); on CPU in host
+        memory it hands out the stored tensor itself."""
+        return self.dir is not None or self.device.type != "cpu"
+
     def __enter__(self) -> Boundaries:
         return self
 

@@ -41,8 +41,7 @@ class Prefetcher:
         """side: copy_stream(device) (made here if not given), shared with the store so that copies
         both ways keep one order."""
         self.device = device
-        self.on = enabled(device)
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="spinctl-prefetch") if self.on else None
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="spinctl-prefetch") if enabled(device) else None
         self.side = side if side is not None else copy_stream(device)
         self.pending: dict[Hashable, Future] = {}
 
@@ -54,7 +53,7 @@ class Prefetcher:
 
     def ahead(self, key: Hashable, fn: Callable[[], Any]) -> None:
         """Start fn() on the worker; its result is kept for `take(key, ...)`."""
-        if not self.on or key in self.pending:
+        if self.pool is None or key in self.pending:
             return
         ready = None
         if self.side is not None:
