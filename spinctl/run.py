@@ -15,6 +15,7 @@ from spinctl.io.checkpoint import open_checkpoint
 from spinctl.io.formats import FORMAT, read_selection, write_selection
 from spinctl.runconfig import RunConfig
 from spinctl.scoring import distributed
+from spinctl.scoring.data import label as data_label
 
 Log = Callable[[str], None]
 
@@ -141,7 +142,7 @@ def report(cfg: RunConfig, result: dict, target: Path) -> dict:
     rcfg = replace(
         cfg.report, patched=target, selection=Path(result["selection"]), retain=scores[0], couple=tuple(scores[1:])
     )
-    labels = [d if d.startswith("builtin:") else Path(d).name for d in (cfg.retain, *cfg.couple)]
+    labels = [data_label(d) for d in (cfg.retain, *cfg.couple)]
     recipe = {"kind": "spin.yaml", "text": cfg.text, "overrides": list(cfg.overrides)}
     out = write_report(rcfg, [("spinctl run", {"scores": result["scores"], "eval": result["eval"]})], recipe, labels)
     return {k: v for k, v in out.items() if k != "summary"}

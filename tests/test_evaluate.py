@@ -233,7 +233,19 @@ def test_evaluate_counts_and_save(eval_model, prompts_csv, tmp_path):
     cfg = EvalConfig(model=eval_model, prompts=prompts_csv, max_new_tokens=8, batch_size=2, save=save, device="cpu")
     ticks = []
     res = evaluate(cfg, progress=ticks.append)
-    assert set(res) == {"model", "n", "aware", "unaware", "unjudgeable", "rate", "judge", "seconds"}
+    assert set(res) == {
+        "model",
+        "prompts",
+        "column",
+        "n",
+        "aware",
+        "unaware",
+        "unjudgeable",
+        "rate",
+        "judge",
+        "seconds",
+    }
+    assert (res["prompts"], res["column"]) == (str(prompts_csv), "questions")
     assert res["n"] == len(QUESTIONS) == res["aware"] + res["unaware"] + res["unjudgeable"]
     assert sum(ticks) == eval_steps(cfg) == len(QUESTIONS)
     lines = [json.loads(line) for line in save.read_text("utf-8").splitlines()]

@@ -195,9 +195,10 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict:
             more per answer judged by a model judge (`eval_steps` gives the total).
 
     Returns:
-        `model`, `n` (questions asked), `aware`, `unaware`, `unjudgeable`, `rate`
-        (aware / (aware + unaware), None when nothing was judged), `judge` ("keyword" or
-        "model:PATH") and `seconds`. With `cfg.save` the question, answer and verdict of
+        `model`, `prompts` (the file read, so a report can name the set), `column`, `n`
+        (questions asked), `aware`, `unaware`, `unjudgeable`, `rate` (aware / (aware +
+        unaware), None when nothing was judged), `judge` ("keyword" or "model:PATH") and
+        `seconds`. With `cfg.save` the question, answer and verdict of
         each row are written to that JSON Lines file atomically.
 
     Raises:
@@ -226,6 +227,8 @@ def evaluate(cfg: EvalConfig, progress: Progress | None = None) -> dict:
         )
     return {
         "model": str(cfg.model),
+        "prompts": str(cfg.prompts),
+        "column": cfg.column,
         "n": len(questions),
         "aware": verdicts.count(Verdict.aware),
         "unaware": verdicts.count(Verdict.unaware),

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from spinctl.errors import InputError
 from spinctl.io import untrusted
+from spinctl.scoring.data import label as data_label
 
 METRICS = ("perplexity", "awareness", "preference accuracy")  # the order of tables and bars
 
@@ -31,7 +32,7 @@ def _flatten(data, where: str) -> list[dict]:
                 raise InputError(f"{where}: an eval row of a run result lacks its prompts")
             for label in ("original", "patched"):
                 if label in row:
-                    out += [m | {"set": Path(row["prompts"]).name} for m in _flatten(row[label], where)]
+                    out += [m | {"set": data_label(row["prompts"])} for m in _flatten(row[label], where)]
         return out
     if "original" in data and "compare" in data:  # spinctl eval --compare
         return _flatten(data["original"], where) + _flatten(data["compare"], where)
@@ -44,7 +45,10 @@ def _flatten(data, where: str) -> list[dict]:
         if "rate" in data:
             if data["rate"] is None:  # every answer unjudgeable: no rate to show
                 return []
-            return [_m("awareness", "", model, data["rate"], data["n"])]
+            prompts = data.get("prompts")  # older results lack it: an unnamed set
+            return [
+                _m("awareness", data_label(prompts) if isinstance(prompts, str) else "", model, data["rate"], data["n"])
+            ]
         if "pair_sets" in data:
             return [_m("preference accuracy", s["name"], model, s["accuracy"], s["n"]) for s in data["pair_sets"]]
         if "ppl" in data:

@@ -84,6 +84,21 @@ def resolve(data: str | Path) -> Path:
     return path
 
 
+def label(data: str | Path) -> str:
+    """A short name for a data file in tables: `builtin:NAME` for a packaged set (given by that
+    name or by the path `resolve` made of it), else the file's name."""
+    text = str(data)
+    if text.startswith(BUILTIN_PREFIX):
+        return text
+    path = Path(text)
+    from importlib.resources import files
+
+    builtin = Path(str(files("spinctl.builtin")))
+    if path.suffix == ".jsonl" and path.parent.resolve() == builtin.resolve():
+        return BUILTIN_PREFIX + path.stem
+    return path.name
+
+
 def _parse_json(path: Path, text: str) -> tuple[list[dict], list[str]]:
     stripped = text.lstrip()
     try:
