@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -106,6 +107,40 @@ def test_report_command_with_evals_is_deterministic(run_out, tmp_path):
     assert "awareness" in r.stdout and "before / after" in r.stdout  # the rich tables
 
 
+def test_awareness_rows_are_named_after_their_prompts_file(tmp_path):
+    from spinctl.errors import InputError
+    from spinctl.report.evals import before_after
+
+    def aware(model, rate, **extra):
+        return {"model": str(model), "n": 4, "aware": int(4 * rate), "rate": rate, "judge": "keyword", **extra}
+
+    patched, original = tmp_path / "out", tmp_path / "model"
+    builtin = str(BUILTIN / "eval_prompts.jsonl")  # the path `spinctl eval --prompts builtin:eval_prompts` records
+    run = {"scores": [], "eval": [{"prompts": "builtin:eval_prompts", "patched": aware(patched, 0.75)}]}
+    rows = before_after(
+        [
+            ("eval", aware(original, 0.5, prompts=builtin)),  # the same set as the run's: one row
+            ("run", run),
+            (
+                "eval2",
+                {
+                    "original": aware(original, 0.25, prompts="/q/probe.csv"),
+                    "compare": aware(patched, 1.0, prompts="/q/probe.csv"),
+                },
+            ),
+            ("old", aware(patched, 0.0)),  # a result from before `prompts` was recorded: an unnamed set
+        ],
+        patched,
+    )
+    got = [(r["set"], r["before"], r["after"]) for r in rows]
+    assert got == [("", None, 0.0), ("builtin:eval_prompts", 0.5, 0.75), ("probe.csv", 0.25, 1.0)]
+    with pytest.raises(InputError, match="a second awareness on probe.csv result for the before model"):
+        before_after(
+            [("a", aware(original, 0.5, prompts="/q/probe.csv")), ("b", aware(original, 0.5, prompts="probe.csv"))],
+            patched,
+        )
+
+
 def test_card_is_idempotent_recorded_verified_and_reverted(run_out, tmp_path):
     d, result = run_out
     patched = tmp_path / "out"
@@ -165,6 +200,25 @@ def test_without_matplotlib_the_markdown_is_still_written(run_out, tmp_path, mon
     assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == ["report.json", "report.md"]
     md = (tmp_path / "rep" / "report.md").read_text()
     assert out["plots_skipped"] in md and "matplotlib is not installed" in md and ".png" not in md
+
+
+def test_an_earlier_report_is_replaced_whole_also_through_a_symlink(run_out, tmp_path):
+    from spinctl.config import ReportConfig
+    from spinctl.report.write import write_report
+
+    d, result = run_out
+    scores = [Path(s["file"]) for s in result["scores"]]
+    real, link = tmp_path / "real", tmp_path / "rep"
+    real.mkdir()
+    link.symlink_to(real)
+    cfg = ReportConfig(link, d / "out", Path(result["selection"]), scores[0], tuple(scores[1:]))
+    ppl = {"model": str(d / "out"), "file": "held.csv", "kind": "rows", "rows": 4, "tokens": 9, "ppl": 9.0}
+    write_report(cfg, [("ppl", ppl)])
+    assert "eval_bars.png" in os.listdir(real)
+    write_report(cfg, [])  # no evals now: the earlier bars must not outlive their report
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert sorted(os.listdir(real)) == ["report.json", "report.md", "score_distributions.png", "zeroed_heatmap.png"]
+    assert sorted(os.listdir(tmp_path)) == ["real", "rep"]  # nothing staged or set aside is left
 
 
 BAD = {

@@ -95,12 +95,21 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def write_synced(path: Path, data: bytes) -> None:
+    """Write a new file of a staged directory and fsync it: the directory's rename publishes it."""
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 @contextlib.contextmanager
-def staged_dir(final: Path) -> Iterator[Path]:
+def staged_dir(final: Path, replace: bool = False) -> Iterator[Path]:
     """Build a directory under a temporary name beside `final`, then rename it into place.
 
     A run killed half-way leaves only a hidden `.NAME.*.tmp` directory, never a partial
-    `final`. `final` must not exist, or be an empty directory (which is replaced).
+    `final`. `final` must not exist, or be an empty directory (which is replaced); with
+    `replace` it may be a full one the caller has checked, swapped out whole (`_swap_in`).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -112,9 +121,12 @@ def staged_dir(final: Path) -> Iterator[Path]:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700: a serving account could not read OUT
         yield tmp
         fsync_dir(tmp)  # its entries reach the disk before the rename makes OUT look complete
-        if final.exists():
-            final.rmdir()  # empty by contract; rmdir refuses anything else
-        os.replace(tmp, final)
+        if replace and final.is_dir() and any(final.iterdir()):
+            _swap_in(tmp, final)
+        else:
+            if final.exists():
+                final.rmdir()  # empty by contract; rmdir refuses anything else
+            os.replace(tmp, final)
         fsync_dir(final.parent)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -122,6 +134,27 @@ def staged_dir(final: Path) -> Iterator[Path]:
         if named is e:
             raise
         raise named from None
+
+
+def _swap_in(new: Path, final: Path) -> None:
+    """Replace the full directory `final` by `new`: the old one is renamed aside first.
+
+    rename(2) cannot put a directory over a non-empty one, so there are two renames; a
+    process killed between them leaves no `final` but the old one whole as a hidden
+    `.NAME.*.old`, never a mix of old and new files. A failed second rename puts it back.
+    """
+    old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+    try:
+        os.replace(final, old)  # a rename may replace an empty directory
+    except BaseException:
+        old.rmdir()
+        raise
+    try:
+        os.replace(new, final)
+    except BaseException:
+        os.replace(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def refuse_hard_links(paths) -> None:

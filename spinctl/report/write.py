@@ -1,4 +1,4 @@
-"""The report directory: report.md, report.json and the PNGs, written once every input is read and drawn."""
+"""The report directory: report.md, report.json and the PNGs, staged whole once every input is read and drawn."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 from spinctl.config import ReportConfig
 from spinctl.errors import OutputError
-from spinctl.io.files import atomic_write_bytes
+from spinctl.io.files import staged_dir, write_synced
 from spinctl.report import card, plots
 from spinctl.report.inputs import collect
 from spinctl.report.markdown import report_markdown, summary_markdown
@@ -44,12 +44,10 @@ def write_report(
         "report.json": (json.dumps(report.summary, indent=2) + "\n").encode(),
         **pngs,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    for name in REPORT_FILES:
-        if name not in files:
-            (out / name).unlink(missing_ok=True)  # an earlier report's plot that this one does not have
-    for name, data in files.items():
-        atomic_write_bytes(out / name, data)
+    # An earlier report is replaced whole, never file by file; through a symlink, where it points.
+    with staged_dir(out.resolve() if out.is_symlink() else out, replace=True) as tmp:
+        for name, data in files.items():
+            write_synced(tmp / name, data)
     result = {
         "output": str(out),
         "files": [str(out / n) for n in files],
