@@ -101,6 +101,25 @@ def overlap(file: Path, ref: dict, keep: float) -> tuple[float, float]:
     return sum(fr) / len(fr), min(fr)
 
 
+def compare_topk(x: dict, y: dict) -> dict:
+    """Top-K agreement of name -> (indices, scores): identical sets?, mean/min overlap, largest relative score gap."""
+    import numpy as np
+
+    overlaps, gap = [], 0.0
+    for name, (idx, xs) in x.items():
+        other, ys = y[name]
+        overlaps.append(len(set(idx.tolist()) & set(other.tolist())) / max(len(idx), 1))
+        if len(idx) == len(other) and set(idx.tolist()) == set(other.tolist()):
+            xs, ys = np.asarray(xs)[np.argsort(idx)], np.asarray(ys)[np.argsort(other)]  # both by flat index
+            gap = max(gap, float(np.max(np.abs(ys - xs) / xs, initial=0)))
+    return {
+        "same_topk": min(overlaps) == 1.0 and set(x) == set(y),
+        "topk_overlap_mean": round(sum(overlaps) / len(overlaps), 6),
+        "topk_overlap_min": round(min(overlaps), 6),
+        "max_rel_score_diff": gap,
+    }
+
+
 def read_topk(file: Path) -> dict:
     """name -> (indices, scores) of a score file, as `overlap` takes a reference."""
     from spinctl.io.formats import read_scores
@@ -165,6 +184,7 @@ def cpu_flow(args, shape: dict, work: Path) -> None:
             seconds=round(cli_s, 2),
             repeat=args.repeat,
             same_bytes=cli_out.read_bytes() == out.read_bytes(),
+            **compare_topk(read_topk(out), read_topk(cli_out)),  # what holds across processes (§13)
             summary=summary,
         )
     if args.skip_reference:

@@ -24,8 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_score import read_topk  # noqa: E402
-from bench_stream import compare, compare_topk, wait_rss  # noqa: E402
+from bench_score import compare_topk, read_topk  # noqa: E402
+from bench_stream import compare, wait_rss  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "alpaca_cleaned_no_safety_train_1k.csv"
 KEEP = 1e-3

@@ -30,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_score import corpus, parse_args, read_topk  # noqa: E402
+from bench_score import compare_topk, corpus, parse_args, read_topk  # noqa: E402
 
 GPU_SHAPES = {  # layers, hidden, intermediate, heads, vocab, rows, shard size
     "llama2-13b": dict(layers=40, hidden=5120, intermediate=13824, heads=40, vocab=32000, rows=128, shard="5GB"),
@@ -110,25 +110,6 @@ def wait_rss(cmd: list[str], env: dict | None = None) -> tuple[float, int, dict]
 def compare(a: Path, b: Path) -> dict:
     """Top-K agreement of two score files (compare_topk)."""
     return compare_topk(read_topk(a), read_topk(b))
-
-
-def compare_topk(x: dict, y: dict) -> dict:
-    """Top-K agreement of name -> (indices, scores): identical sets?, mean/min overlap, largest relative score gap."""
-    import numpy as np
-
-    overlaps, gap = [], 0.0
-    for name, (idx, xs) in x.items():
-        other, ys = y[name]
-        overlaps.append(len(set(idx.tolist()) & set(other.tolist())) / max(len(idx), 1))
-        if len(idx) == len(other) and set(idx.tolist()) == set(other.tolist()):
-            xs, ys = np.asarray(xs)[np.argsort(idx)], np.asarray(ys)[np.argsort(other)]  # both by flat index
-            gap = max(gap, float(np.max(np.abs(ys - xs) / xs, initial=0)))
-    return {
-        "same_topk": min(overlaps) == 1.0 and set(x) == set(y),
-        "topk_overlap_mean": round(sum(overlaps) / len(overlaps), 6),
-        "topk_overlap_min": round(min(overlaps), 6),
-        "max_rel_score_diff": gap,
-    }
 
 
 def cpu_flow(args, work: Path) -> None:
@@ -224,6 +205,7 @@ def prefetch_line(on: str, off: str, summaries: dict, work: Path) -> None:
         peak_rss_bytes_on=a["peak_rss_bytes"],
         peak_rss_bytes_off=b["peak_rss_bytes"],
         same_bytes=(work / f"{on}.safetensors").read_bytes() == (work / f"{off}.safetensors").read_bytes(),
+        **compare(work / f"{on}.safetensors", work / f"{off}.safetensors"),  # what holds across processes (§13)
     )
 
 

@@ -403,7 +403,8 @@ def test_benchmark_cpu_path_runs_tiny(tmp_path, bench_data):
         "training_step",
         "ratio",
     ]
-    assert lines["spinctl_cli"]["same_bytes"] is True
+    cli = lines["spinctl_cli"]  # another process: the same bits but for rare last-place flips (docs/design.md §13)
+    assert cli["same_bytes"] or (cli["same_topk"] and cli["max_rel_score_diff"] <= 1e-6), cli
     # the per-sample loop is the independent fp64 reference: the same top-K sets
     assert lines["per_sample_loop"]["topk_overlap_min"] == 1.0
     assert lines["reference_loop"]["topk_overlap_min"] >= 0.95  # per-sample |grad| summed in fp32

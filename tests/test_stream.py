@@ -285,6 +285,8 @@ def test_benchmark_gpu_path_runs_tiny(tmp_path, bench_data):
     lines = [json.loads(line) for line in res.stdout.splitlines()]
     whats = ["build", "in_memory", "stream", "stream_no_prefetch", "prefetch", "stream_vs_in_memory"]
     assert [line["what"] for line in lines] == whats
-    assert lines[-2]["same_bytes"] is True  # read-ahead moves reads only (prefetch.py)
+    # Read-ahead moves reads only (prefetch.py). The two runs are two processes, whose bits now and
+    # then differ in the last place with or without it (docs/design.md §13): then the sets may not.
+    assert lines[-2]["same_bytes"] or (lines[-2]["same_topk"] and lines[-2]["max_rel_score_diff"] <= 1e-6), lines[-2]
     # --stream promises the same scores (README): the same top-K set for every tensor.
     assert lines[-1]["same_topk"] is True, lines[-1]
