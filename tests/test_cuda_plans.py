@@ -84,7 +84,9 @@ def test_in_memory_plan(fake_cuda, on_cuda):
     tight = _plan(AUTO, loaded, targets, data)
     check_plan(tight, 300)
     assert tight[0] < roomy[0] and tight[1] < roomy[1]
-    fake_cuda["reserved"] = 1 * GiB  # memory the allocator caches but no tensor uses is free too
+    fake_cuda.update(free=80 * GiB, fraction=(4 << 20) / fake_cuda["total"])  # the process's share caps it alike
+    assert _plan(AUTO, loaded, targets, data) == tight
+    fake_cuda.update(free=4 << 20, fraction=1.0, reserved=1 * GiB)  # memory the allocator caches unused is free too
     assert _plan(AUTO, loaded, targets, data) == roomy
     fake_cuda.update(free=0, reserved=0)
     assert _plan(AUTO, loaded, targets, data) == (1, 300)  # never below one sample, its own tokens
@@ -101,7 +103,7 @@ def test_stream_plan_obeys_the_process_fraction(fake_cuda, on_cuda):
     data = samples(200, 50)
     assert plan_batches(AUTO, sk, targets, data) == (MAX_BATCH, CUDA_TOKENS)
     # set_per_process_memory_fraction caps what this process may take, however much is free
-    fake_cuda["fraction"] = (HEAD_BYTES + (10 << 20)) / fake_cuda["total"]
+    fake_cuda["fraction"] = (HEAD_BYTES + (64 << 20)) / fake_cuda["total"]
     capped = plan_batches(AUTO, sk, targets, data)
     check_plan(capped, 200)
     assert capped[0] < MAX_BATCH and capped[1] < CUDA_TOKENS

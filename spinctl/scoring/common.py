@@ -49,14 +49,20 @@ def make_batches(samples: list, batch_size: int, token_budget: int | None = None
 
 def plan_room(max_memory: int | None, device) -> tuple[int, int]:
     """(budget, room) for an auto batch plan: the peak it aims under (--max-memory, else half of
-    host memory on CPU, what is allocated plus 85% of what is free on CUDA), and how much of
-    it is not in use yet (host RSS on CPU, allocated memory on CUDA)."""
+    host memory on CPU, what is allocated plus 85% of what this process may still take on
+    CUDA), and how much of it is not in use yet (host RSS on CPU, allocated memory on CUDA).
+
+    On CUDA "may still take" is the device's free memory plus what the allocator caches
+    unused, capped by the process's share (set_per_process_memory_fraction) less what it holds.
+    """
     import torch
 
     if device.type == "cuda":
         allocated = torch.cuda.memory_allocated(device)
         cached = torch.cuda.memory_reserved(device) - allocated  # the allocator's, reusable too
-        free = int((torch.cuda.mem_get_info(device)[0] + cached) * 0.85)
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device)  # torch >= 2.6
+        share = torch.cuda.get_device_properties(device).total_memory * fraction - allocated
+        free = max(0, int(min(torch.cuda.mem_get_info(device)[0] + cached, share) * 0.85))
         budget = allocated + free if max_memory is None else max_memory
         return budget, max(0, min(free, budget - allocated))
     budget = int(HOST_FRACTION * host_memory_bytes()) if max_memory is None else max_memory

@@ -34,6 +34,7 @@ from spinctl.scoring.common import (
     loss_scale_log2,
     make_batches,
     peak_bytes,
+    plan_room,
     sync,
     write_score_file,
 )
@@ -53,9 +54,7 @@ class _Overflow(Exception):
 def plan_batches(cfg, sk, targets, samples) -> tuple[int, int | None]:
     """(samples per batch, padded-token budget or None): on CPU the throughput cap (the host
     activations are checked by check_host_memory); on CUDA sized for one layer's activations
-    within this process's share of the device and --max-memory."""
-    import torch
-
+    within the room common.plan_room leaves (the process's share of the device, --max-memory)."""
     if cfg.batch_size is not None:
         return cfg.batch_size, None
     if sk.device.type != "cuda":  # one layer's activations at a time: the throughput cap rules
@@ -73,13 +72,7 @@ def plan_batches(cfg, sk, targets, samples) -> tuple[int, int | None]:
         * item
     )
     acc = max(sum(t.module.weight.numel() for t in targets if t.layer == i) for i in range(len(sk.layers))) * 4
-    dev = sk.device
-    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(dev)  # torch >= 2.6 only
-    limit = torch.cuda.get_device_properties(dev).total_memory * fraction
-    free = min(torch.cuda.mem_get_info(dev)[0], limit) - torch.cuda.memory_allocated(dev)
-    if cfg.max_memory is not None:
-        free = min(free, cfg.max_memory - torch.cuda.memory_allocated(dev))
-    free = max(0.0, (free - 2 * layer - outer - acc - HEAD_BYTES) * 0.85)
+    free = max(0, plan_room(cfg.max_memory, sk.device)[1] - 2 * layer - outer - acc - HEAD_BYTES)
     longest = max((len(s.ids) for s in samples), default=1)
     batch = max(1, min(MAX_BATCH, int(free // (longest * per_token + per_sample))))
     return batch, max(longest, min(CUDA_TOKENS, int(free // per_token)))
