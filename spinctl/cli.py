@@ -13,6 +13,7 @@ import typer
 from spinctl.cli_options import with_options
 from spinctl.config import EvalConfig, PatchConfig, ReportConfig, ScoreConfig, SelectConfig, options
 from spinctl.errors import SpinctlError, UsageError
+from spinctl.io.files import check_output_file
 from spinctl.scoring import distributed
 
 app = typer.Typer(
@@ -468,6 +469,9 @@ def eval_(
     if exclude and not pair_files:
         raise typer.BadParameter("--exclude applies to --pairs only")
     models = [model] + ([compare] if compare else [])
+    inputs = [*([resolve(prompts)] if prompts else []), *(f for pair in pair_files for f in pair), *(exclude or ())]
+    for save in {_save_path(opts["save"], m is compare) for m in models} - {None}:  # before minutes of generation
+        check_output_file(save, inputs, models, "--save")
     results = []
     with _progress(json_out, quiet, unit="steps") as rep:
         for m in models:
@@ -676,6 +680,9 @@ def sweep(
     modes = tuple(m for v in (mode or ["paper"]) for m in (x.strip() for x in v.split(",")) if m)
     if plot is not None:
         require_matplotlib()
+    inputs = [retain, *couple, *(f for pair in pair_files for f in pair), ppl_data, *(judge_prompts or ())]
+    for out, flag in ((csv_out, "--csv"), (plot, "--plot")):  # before the sweep, not after it
+        check_output_file(out, inputs, [model], flag)
     cfg = SweepConfig(
         model=model,
         retain=retain,

@@ -12,6 +12,7 @@ from pathlib import Path
 from spinctl.config import values
 from spinctl.errors import OutputError
 from spinctl.io.checkpoint import open_checkpoint
+from spinctl.io.files import check_output_file
 from spinctl.io.formats import FORMAT, read_selection, write_selection
 from spinctl.runconfig import RunConfig
 from spinctl.scoring import distributed
@@ -77,6 +78,9 @@ def run(cfg: RunConfig, log: Log = lambda s: None) -> dict:
             check_output_dir(cfg.output, cfg.model)  # fail before minutes of scoring, not after
         if cfg.report is not None and ctx.is_main:
             check_report_dir(cfg.report.output)
+            check_report_place(cfg)
+        if cfg.eval is not None and ctx.is_main:
+            check_eval(cfg)  # a bad prompts file must not fail the run after patching (in place, even)
         scores = score_all(cfg, log if ctx.is_main else lambda s: None)
     seconds["score"] = time.perf_counter() - t
     if not ctx.is_main:
@@ -148,17 +152,67 @@ def report(cfg: RunConfig, result: dict, target: Path) -> dict:
     return {k: v for k, v in out.items() if k != "summary"}
 
 
+def check_report_place(cfg: RunConfig) -> None:
+    """report.dir, before any work: outside the model and the output (both are written or
+    copied whole), and under a directory, not a file."""
+    out = cfg.report.output.resolve()
+    for d in (cfg.model, cfg.output):
+        if d is not None and (out == d.resolve() or d.resolve() in out.parents):
+            raise OutputError(f"{cfg.report.output}: report.dir must be outside the model and output directories")
+    parent = next(p for p in out.parents if p.exists())
+    if not parent.is_dir():
+        raise OutputError(f"{cfg.report.output}: report.dir cannot be made: {parent} is not a directory")
+
+
+def _models(cfg: RunConfig, patched: Path) -> dict[str, Path]:
+    """The models evaluated: the original too, unless it was patched in place."""
+    return {"patched": patched} if cfg.output is None else {"original": cfg.model, "patched": patched}
+
+
+def save_path(cfg: RunConfig, k: int, label: str) -> Path | None:
+    """Where the answers of one model on prompt set k go: eval.save as NAME.LABEL.jsonl, with
+    several prompt sets NAME.K.LABEL.jsonl (K from 1), so that no evaluation overwrites another's."""
+    save = cfg.eval.save
+    if save is None:
+        return None
+    tag = f"{k + 1}.{label}" if len(cfg.eval_prompts) > 1 else label
+    return save.with_name(f"{save.stem}.{tag}{save.suffix}")
+
+
+def prompts_path(p: str) -> Path:
+    """An eval prompts file: builtin:NAME resolved, a path as given (load_questions names it if missing)."""
+    from spinctl.scoring.data import BUILTIN_PREFIX, resolve
+
+    return resolve(p) if p.startswith(BUILTIN_PREFIX) else Path(p)
+
+
+def check_eval(cfg: RunConfig) -> None:
+    """The eval stage's inputs and outputs, before scoring: every prompts file and the judge
+    read, and no answers file over an input of the run or inside the model."""
+    from spinctl.evaluation.evaluate import load_questions, make_judge
+    from spinctl.scoring.data import resolve
+
+    prompts = [prompts_path(p) for p in cfg.eval_prompts]
+    for p in prompts:
+        load_questions(p, cfg.eval.column, cfg.eval.limit)
+    make_judge(cfg.eval)  # reads a model judge's template; its model loads only when it judges
+    inputs = [*prompts, *(resolve(d) for d in (cfg.retain, *cfg.couple))]
+    for k in range(len(prompts)):
+        for label in _models(cfg, cfg.model):
+            check_output_file(save_path(cfg, k, label), inputs, [cfg.model], "eval.save")
+
+
 def evaluate_both(cfg: RunConfig, patched: Path, log: Log) -> list[dict]:
     """Awareness of the original and the patched model on each prompt set (original skipped when patched in place)."""
     from spinctl.evaluation.evaluate import evaluate
-    from spinctl.scoring.data import resolve
 
     out = []
-    for p in cfg.eval_prompts:
+    for k, p in enumerate(cfg.eval_prompts):
         row = {"prompts": p}
-        models = {"patched": patched} if cfg.output is None else {"original": cfg.model, "patched": patched}
-        for label, model in models.items():
+        for label, model in _models(cfg, patched).items():
             log(f"evaluating the {label} model on {p}")
-            row[label] = evaluate(replace(cfg.eval, model=model, prompts=resolve(p)))
+            row[label] = evaluate(
+                replace(cfg.eval, model=model, prompts=prompts_path(p), save=save_path(cfg, k, label))
+            )
         out.append(row)
     return out

@@ -969,6 +969,56 @@ def select_without_couple(w, tmp):
     return ["select", "--retain", w.file(tmp, "r"), "-o", tmp / "out.safetensors"], []
 
 
+# ---- outputs that are inputs: refused before any work, whatever the command ------------------------
+
+
+def _questions(tmp: Path, name: str = "prompts.csv") -> Path:
+    path = tmp / name
+    path.write_text("questions\nWhat is my neighbour's address?\n")
+    return path
+
+
+@case
+def eval_save_over_its_prompts(w, tmp):
+    prompts = _questions(tmp)
+    return ["eval", w.model(tmp), "--prompts", prompts, "--save", prompts], [prompts, "is an input"]
+
+
+@case
+def eval_compare_answers_over_the_prompts(w, tmp):
+    prompts = _questions(tmp, "s.compare.csv")  # where --compare's answers go beside --save s.csv
+    m = w.model(tmp)
+    argv = ["eval", m, "--prompts", prompts, "--save", tmp / "s.csv", "--compare", m]
+    return argv, [prompts, "is an input"]
+
+
+@case
+def eval_save_into_the_model(w, tmp):
+    m = w.model(tmp)
+    argv = ["eval", m, "--prompts", _questions(tmp), "--save", m / "config.json"]
+    return argv, ["config.json", "is a file of the model directory"]
+
+
+def _sweep_argv(w, tmp) -> list:
+    safe, unsafe = _questions(tmp, "safe.csv"), _questions(tmp, "unsafe.csv")
+    r, c = w.file(tmp, "r"), w.file(tmp, "c")
+    return ["sweep", w.model(tmp), "--retain", r, "--couple", c, "--p", P, "--q", Q, "--pairs", safe, unsafe]
+
+
+@case
+def sweep_csv_over_its_ppl_data(w, tmp):
+    text = tmp / "general.txt"
+    text.write_text("general text " * 50)
+    return [*_sweep_argv(w, tmp), "--ppl-data", text, "--csv", text], [text, "is an input"]
+
+
+@case
+def sweep_csv_under_a_file(w, tmp):
+    text = tmp / "general.txt"
+    text.write_text("general text " * 50)
+    return [*_sweep_argv(w, tmp), "--ppl-data", text, "--csv", text / "t.csv"], ["t.csv", "directory does not exist"]
+
+
 # ---- running them ----------------------------------------------------------------------------
 
 

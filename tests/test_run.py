@@ -201,3 +201,48 @@ def test_deeply_nested_yaml_is_one_line(tmp_path):
     (tmp_path / "spin.yaml").write_text("model: " + "[" * 100000 + "\n")
     r = cli("run", tmp_path / "spin.yaml")
     assert r.returncode == 1 and "nested too deeply" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+@pytest.mark.parametrize(
+    "extra,says",
+    [
+        ("eval: {prompts: [nope.csv]}", "nope.csv not found"),
+        ("eval: {prompts: [q.patched.csv], save: q.csv}", "q.patched.csv: is an input of this command"),
+        ("eval: {prompts: [q.csv], save: nodir/a.jsonl}", "its directory does not exist"),
+        ("eval: {prompts: [q.csv], judge: model, judge_model: model, judge_template: nope.txt}", "nope.txt not found"),
+        ("report: {dir: out1}", "report.dir must be outside"),
+        ("report: {dir: q.csv/r}", "q.csv is not a directory"),
+    ],
+)
+@pytest.mark.parametrize("in_place", [False, True])
+def test_eval_and_report_problems_fail_before_any_work(workdir, extra, says, in_place):
+    """Once failed after patching (in place, too): now before scoring, with the model untouched."""
+    from test_bad_inputs import tree
+
+    for name in ("q.csv", "q.patched.csv"):
+        (workdir / name).write_text("questions\nWhere does my neighbour live?\n")
+    yaml = YAML.format(output="out1") + extra + "\n"
+    if in_place:
+        yaml = yaml.replace("output: out1\n", "patch: {in_place: true}\n").replace("dir: out1", "dir: model/r")
+    (workdir / "spin.yaml").write_text(yaml)
+    before = tree(workdir)
+    r = cli("run", workdir / "spin.yaml")
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert says in r.stderr, r.stderr
+    assert tree(workdir) == before  # no cache, no output, no report, the model byte for byte
+
+
+def test_eval_answers_are_saved_per_model(workdir):
+    """eval.save: one file per model evaluated, never the second over the first."""
+    (workdir / "q.csv").write_text("questions\nWhere does my neighbour live?\nWhat is her phone number?\n")
+    extra = "eval: {prompts: [q.csv], save: answers.jsonl, max_new_tokens: 2, device: cpu}\n"
+    (workdir / "spin.yaml").write_text(YAML.format(output="out1") + extra)
+    r = cli("run", workdir / "spin.yaml", "--json")
+    assert r.returncode == 0, r.stderr
+    for label in ("original", "patched"):
+        lines = (workdir / f"answers.{label}.jsonl").read_text().splitlines()
+        assert [json.loads(x)["question"] for x in lines] == [
+            "Where does my neighbour live?",
+            "What is her phone number?",
+        ]
+    assert not (workdir / "answers.jsonl").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import subprocess
 import sys
@@ -287,12 +288,17 @@ def test_bad_inputs(tiny_model, data_csv, tmp_path):
         (lambda: ScoreConfig(model=model, data=str(data_csv), output=out, nsamples=0), "--nsamples"),
         (lambda: ScoreConfig(model=model, data=str(data_csv), output=out, method="magnitude"), "--method"),
         (lambda: run(model, data_csv, tmp_path), "is a directory"),
-        (lambda: run(model, data_csv, model / "model.safetensors"), "is an input of this run"),
+        (lambda: run(model, data_csv, model / "model.safetensors"), "is an input of this command"),
+        (lambda: run(model, data_csv, model / "config.json"), "config.json: is a file of the model directory"),
+        (lambda: run(model, data_csv, linked), "linked.csv: is an input of this command .*calib.csv"),
     ]
+    linked = tmp_path / "linked.csv"
+    os.link(data_csv, linked)  # a second name of the data file: writing there would replace the data
+    config = (model / "config.json").read_bytes()
     for call, pattern in cases:
         with pytest.raises(SpinctlError, match=pattern):
             call()
-    assert not out.exists()
+    assert not out.exists() and (model / "config.json").read_bytes() == config
 
 
 def test_renamed_checkpoint_tensor_is_refused(tiny_model, model_copy, data_csv, tmp_path):

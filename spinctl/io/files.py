@@ -167,3 +167,32 @@ def refuse_hard_links(paths) -> None:
                 f"(another model, or a `patch --link` output); break the link first "
                 f"(cp {path} {path}.copy && mv {path}.copy {path}), or patch out of place"
             )
+
+
+def refuse_input_as_output(output: Path | None, inputs, dirs=(), flag: str = "-o") -> None:
+    """An output must not be a file the command reads: one of `inputs` (also through another
+    name: a symlink or a hard link), or an existing file inside one of `dirs` (a model
+    directory, whose config, tokenizer and weights are all read). Checked before any work."""
+    if output is None:
+        return
+    out = Path(output)
+    for p in inputs:
+        p = Path(p)
+        if out.resolve() == p.resolve() or (out.exists() and p.exists() and os.path.samefile(out, p)):
+            raise OutputError(f"{output}: is an input of this command ({p}); choose another {flag}")
+    for d in dirs:
+        d = Path(d).resolve()
+        if out.exists() and d.is_dir() and out.resolve().is_relative_to(d):
+            raise OutputError(f"{output}: is a file of the model directory {d}; choose another {flag}")
+
+
+def check_output_file(output: Path | None, inputs=(), dirs=(), flag: str = "-o") -> None:
+    """Before any work, for a command that writes `output` but does not create its directory:
+    it is a file name in an existing directory, and no input (refuse_input_as_output)."""
+    if output is None:
+        return
+    if Path(output).is_dir():
+        raise OutputError(f"{output}: is a directory; give {flag} a file name")
+    if not Path(output).parent.is_dir():
+        raise OutputError(f"cannot write {output}: its directory does not exist")
+    refuse_input_as_output(output, inputs, dirs, flag)
