@@ -133,13 +133,14 @@ SIZE_UNITS = {
 
 def check_size(v):
     """A byte count: an integer, or a number with a unit (3GB, 2.5GiB, 512MiB); None stays unset."""
-    if v is None or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+    if v is None or (isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**63):
         return v
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*", v, re.IGNORECASE) if isinstance(v, str) else None
     unit = (m.group(2) or "").upper() if m else ""
     unit = unit + "B" if unit and not unit.endswith("B") else unit  # 3G = 3GB
-    if m and unit in SIZE_UNITS and float(m.group(1)) * SIZE_UNITS[unit] >= 1:
-        return int(float(m.group(1)) * SIZE_UNITS[unit])
+    n = float(m.group(1)) * SIZE_UNITS[unit] if m and unit in SIZE_UNITS else 0.0  # inf for 400 digits
+    if 1 <= n < 2**63:  # no machine has 8 EiB; past it the byte count overflows C integers
+        return int(n)
     raise ValueError("must be a size such as 3GB, 2.5GiB or 512MiB")
 
 

@@ -19,6 +19,7 @@ from spinctl.config import (
     short,
 )
 from spinctl.errors import InputError
+from spinctl.io import untrusted
 
 # A spin.yaml holds tens of values. YAML aliases share nodes, so a few hundred bytes of nested
 # aliases can stand for billions of values (the "billion laughs"), which anything that walks
@@ -73,7 +74,10 @@ def parse_yaml(text: str, where: str):
     """yaml.safe_load, refusing alias expansion past MAX_NODES and nesting past Python's stack, as InputError."""
     import yaml
 
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)  # its reader refuses control characters here, at once
+    except yaml.YAMLError as e:
+        raise InputError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
     try:
         node = loader.get_single_node()
         if node is None:
@@ -190,6 +194,7 @@ def _model(base: Path, value: str) -> Path:
 
 def load_run_config(path: Path, overrides: list[str] = ()) -> RunConfig:
     path = Path(path)
+    untrusted.require_regular(path)
     try:
         text = path.read_text("utf-8")
     except FileNotFoundError:

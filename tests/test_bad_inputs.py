@@ -969,6 +969,29 @@ def select_without_couple(w, tmp):
     return ["select", "--retain", w.file(tmp, "r"), "-o", tmp / "out.safetensors"], []
 
 
+# ---- inputs that are not regular files: a FIFO once blocked the read forever ------------------------
+
+
+@case
+def manifest_is_a_fifo(w, tmp):
+    d = _patched(w, tmp)
+    (d / "spin-manifest.json").unlink()
+    os.mkfifo(d / "spin-manifest.json")
+    return ["verify", d], [d / "spin-manifest.json", "not a regular file"]
+
+
+@case
+def run_config_is_a_fifo(w, tmp):
+    os.mkfifo(tmp / "spin.yaml")
+    return ["run", tmp / "spin.yaml"], [tmp / "spin.yaml", "not a regular file"]
+
+
+@case
+def run_config_with_a_control_character(w, tmp):
+    (tmp / "spin.yaml").write_text("model: m\x07\n")  # PyYAML's reader refused it before the parser's guard
+    return ["run", tmp / "spin.yaml"], [tmp / "spin.yaml", "not valid YAML"]
+
+
 # ---- outputs that are inputs: refused before any work, whatever the command ------------------------
 
 

@@ -16,6 +16,8 @@ SELECT = ["select", "--retain", "r.safetensors", "--couple", "c.safetensors", "-
 PATCH = ["patch", "no-model", "out", "--retain", "r.safetensors", "--couple", "c.safetensors"]
 EVAL = ["eval", "no-model", "--prompts", "builtin:eval_prompts"]
 PPL = ["ppl", "no-model", "no-text.txt"]
+SWEEP = ["sweep", "no-model", "--retain", "r.safetensors", "--couple", "c.safetensors", "--pairs", "s.csv", "u.csv"]
+SWEEP += ["--ppl-data", "t.txt", "--p", "0.1", "--q", "0.1"]
 
 CASES = {
     "select_p_2": (SELECT + ["--p", "2"], "--p"),
@@ -38,6 +40,12 @@ CASES = {
     "eval_dtype_int8": (EVAL + ["--dtype", "int8"], "--dtype"),
     "ppl_seqlen_1": (PPL + ["--seqlen", "1"], "--seqlen"),
     "ppl_device_tpu": (PPL + ["--device", "tpu"], "--device"),
+    "sweep_resamples_0": (SWEEP + ["--resamples", "0"], "--resamples"),  # once a traceback after the whole sweep
+    "sweep_max_length_negative": (SWEEP + ["--max-length", "-3"], "--max-length"),  # once accepted
+    "sweep_p_2": (SWEEP[:-4] + ["--p", "2", "--q", "0.1"], "--p"),
+    "sweep_mode_bogus": (SWEEP + ["--mode", "bogus"], "--mode"),
+    "score_max_memory_400_digits": (SCORE + ["--max-memory", "1" + "0" * 400], "--max-memory"),  # float inf
+    "score_max_memory_past_int64": (SCORE + ["--max-memory", "9" * 30 + "TB"], "--max-memory"),
 }
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spinctl.errors import InputError, SpinctlError
+from spinctl.errors import InputError, SpinctlError, UsageError
 
 Log = Callable[[str], None]
 DEFAULT_BUDGET = 0.02
@@ -85,13 +85,13 @@ class SweepConfig:
         for name, values in (("p", self.p), ("q", self.q)):
             for v in values:
                 if not (isinstance(v, (int, float)) and 0 <= v <= 1):
-                    raise InputError(f"--{name} must be a fraction in [0, 1], got {v}")
+                    raise UsageError(f"--{name} must be a fraction in [0, 1], got {v}")
         modes = []
         for m in self.modes:
             try:
                 modes.append(Mode(m.value if isinstance(m, Mode) else m).value)
             except ValueError:
-                raise InputError(f"--mode {m!r}: choose paper or reference") from None
+                raise UsageError(f"--mode {m!r}: choose paper or reference") from None
         object.__setattr__(self, "modes", tuple(modes))
         if "reference" in modes and len(self.couple) != 2:
             raise InputError(
@@ -101,14 +101,17 @@ class SweepConfig:
             parse_spec(t)
         if not self.pairs:
             raise InputError("give at least one --pairs SAFE UNSAFE: the sweep ranks settings by preference accuracy")
-        if self.ppl_rows < 1 or self.seqlen < 2 or self.batch_size < 1 or self.max_new_tokens < 1:
-            raise InputError("--ppl-rows, --batch-size and --max-new-tokens must be at least 1, --seqlen at least 2")
+        # Out of range is a usage error (exit 2), as for every other command's options.
+        if self.ppl_rows < 1 or self.batch_size < 1 or self.max_new_tokens < 1 or self.resamples < 1:
+            raise UsageError("--ppl-rows, --batch-size, --max-new-tokens and --resamples must be at least 1")
+        if self.seqlen < 2 or self.max_length < 2:
+            raise UsageError("--seqlen and --max-length must be at least 2")
         if self.pairs_limit is not None and self.pairs_limit < 1:
-            raise InputError(f"--pairs-limit must be at least 1, got {self.pairs_limit}")
+            raise UsageError(f"--pairs-limit must be at least 1, got {self.pairs_limit}")
         if self.judge_limit is not None and self.judge_limit < 1:
-            raise InputError(f"--judge-limit must be at least 1, got {self.judge_limit}")
+            raise UsageError(f"--judge-limit must be at least 1, got {self.judge_limit}")
         if not (self.max_ppl_increase >= 0):
-            raise InputError(f"--max-ppl-increase must be non-negative, got {self.max_ppl_increase}")
+            raise UsageError(f"--max-ppl-increase must be non-negative, got {self.max_ppl_increase}")
 
     def grid(self) -> list[Setting]:
         """Every combination, mode outermost, then targets, p, q; duplicates once, first place kept."""
