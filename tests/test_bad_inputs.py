@@ -373,6 +373,19 @@ def selection_index_out_of_range(w, tmp):
 
 
 @case
+def scores_with_an_impossible_shape(w, tmp):
+    c = w.file(tmp, "c")
+
+    def huge(header):
+        meta = json.loads(header["__metadata__"]["spinctl"])
+        meta["shapes"][next(iter(meta["shapes"]))] = [2**40, 2**40]  # once an OverflowError traceback
+        header["__metadata__"]["spinctl"] = json.dumps(meta)
+
+    edit_header(c, huge)
+    return w.select_argv(tmp, w.file(tmp, "r"), c), [c, "impossibly large"]
+
+
+@case
 def scores_of_different_models_select(w, tmp):
     r, c = w.file(tmp, "r"), w.file(tmp, "c_f32")
     return w.select_argv(tmp, r, c), [c]

@@ -59,3 +59,15 @@ def test_a_failure_leaves_the_old_directory_whole(tmp_path, monkeypatch):
     with pytest.raises(OutputError, match=r"cannot write .*out: No space left"), staged_dir(out, replace=True) as tmp:
         write_synced(tmp / "new", b"new")
     assert tree(out) == {"old": b"old"} and os.listdir(tmp_path) == ["out"]  # put back, nothing left aside
+
+
+def test_a_longest_legal_name_has_room_for_its_temporary(tmp_path):
+    """A 255-character name once failed with "File name too long": its temporary added 13."""
+    from spinctl.io.files import atomic_write_bytes, staged_dir
+
+    name = "s" * 243 + ".safetensors"  # 255 characters, the most a name may have
+    atomic_write_bytes(tmp_path / name, b"x")
+    with staged_dir(tmp_path / ("d" * 255)) as tmp:
+        (tmp / "f").write_bytes(b"y")
+    assert (tmp_path / name).read_bytes() == b"x" and (tmp_path / ("d" * 255) / "f").read_bytes() == b"y"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, "d" * 255])

@@ -57,6 +57,12 @@ def _named(e: BaseException, final: Path, tmp: Path) -> BaseException:
     return e
 
 
+def temp_prefix(final: Path) -> str:
+    """`.NAME.` for the temporary beside `final`, NAME cut to 200 characters: with the random
+    part and `.tmp` a legal 255-character name would otherwise be too long for its own temporary."""
+    return f".{Path(final).name[:200]}."
+
+
 def _temp_failed(final: Path, e: OSError) -> OutputError:
     return OutputError(f"cannot create {final}: {e.strerror or e} (in {final.parent})")
 
@@ -70,7 +76,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         why = "is a directory; give a file name" if path.is_dir() else f"directory {path.parent} does not exist"
         raise OutputError(f"{path}: {why}")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise _temp_failed(path, e) from None
     os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: outputs get the modes any new file would
@@ -114,7 +120,7 @@ def staged_dir(final: Path, replace: bool = False) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(final), suffix=".tmp", dir=final.parent))
     except OSError as e:
         raise _temp_failed(final, e) from None
     try:

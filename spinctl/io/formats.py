@@ -171,8 +171,10 @@ def _split(
 
 def _check_shapes(path: Path, shapes: dict) -> None:
     for name, shape in shapes.items():
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
             raise InputError(f"{path}: shape of {name} must be a list of non-negative integers")
+        if math.prod(shape) >= 2**62:  # no real tensor; past 2^63 numpy's index arithmetic overflows
+            raise InputError(f"{path}: shape of {name} {shape} is impossibly large; the file is corrupt")
 
 
 def read_scores(path: Path) -> ScoreFile:
