@@ -982,6 +982,27 @@ def select_without_couple(w, tmp):
     return ["select", "--retain", w.file(tmp, "r"), "-o", tmp / "out.safetensors"], []
 
 
+def _manifest_edited(w, tmp, key, value) -> Path:
+    d = _patched(w, tmp)
+    m = json.loads((d / "spin-manifest.json").read_text())
+    m[key] = value
+    (d / "spin-manifest.json").write_text(json.dumps(m))
+    return d
+
+
+@case
+def manifest_tensors_null_revert(w, tmp):
+    """A null `tensors` once skipped the undo log's count check, and the revert went ahead."""
+    d = _manifest_edited(w, tmp, "tensors", None)
+    return ["revert", d, tmp / "restored"], [d / "spin-manifest.json", "tensors"]
+
+
+@case
+def manifest_hashes_a_string_verify(w, tmp):
+    d = _manifest_edited(w, tmp, "hashes", "yes")
+    return ["verify", d], [d / "spin-manifest.json", "hashes"]
+
+
 # ---- inputs that are not regular files: a FIFO once blocked the read forever ------------------------
 
 

@@ -74,7 +74,43 @@ def read_manifest(path: Path) -> dict:
     bad = next((k for k, v in data["files"].items() if not isinstance(v, dict)), None)
     if bad is not None:
         raise InputError(f"{path}: entry for {bad!r} in files is not an object; the manifest is corrupt")
+    # The fields that verify and revert trust, when present (older manifests lack some), must
+    # have the types patch writes: a null `tensors` or `undo_sha256` would skip their checks.
+    wrong = next((k for k, ok in _MANIFEST_TYPES.items() if k in data and not ok(data[k])), None)
+    wrong = wrong or next(
+        (
+            f"files.{f}.{k}"
+            for f, e in data["files"].items()
+            for k, ok in _FILE_TYPES.items()
+            if k in e and not ok(e[k])
+        ),
+        None,
+    )
+    if wrong is not None:
+        raise InputError(f"{path}: {wrong} is not what spinctl patch writes; the manifest is corrupt")
     return data
+
+
+def _sha256_text(v) -> bool:
+    return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+
+
+def _count(v) -> bool:
+    return type(v) is int and v >= 0
+
+
+_MANIFEST_TYPES = {
+    "hashes": lambda v: type(v) is bool,
+    "tensors": lambda v: isinstance(v, dict) and all(_count(n) for n in v.values()),
+    "undo_sha256": _sha256_text,
+    "fingerprint": lambda v: isinstance(v, str),
+}
+_FILE_TYPES = {
+    "zeroed": _count,
+    "changed": lambda v: type(v) is bool,
+    "input_sha256": _sha256_text,
+    "output_sha256": _sha256_text,
+}
 
 
 @dataclass(frozen=True)
