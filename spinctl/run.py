@@ -12,7 +12,7 @@ from pathlib import Path
 from spinctl.config import values
 from spinctl.errors import OutputError
 from spinctl.io.checkpoint import open_checkpoint
-from spinctl.io.files import check_output_file
+from spinctl.io.files import check_creatable, check_output_file
 from spinctl.io.formats import FORMAT, read_selection, write_selection
 from spinctl.runconfig import RunConfig
 from spinctl.scoring import distributed
@@ -74,6 +74,7 @@ def run(cfg: RunConfig, log: Log = lambda s: None) -> dict:
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     with distributed.session() as ctx:  # under torchrun every rank scores a share; rank 0 alone goes on
+        open_checkpoint(cfg.model)  # a missing model is named as such, not as an output inside its parent
         if cfg.output is not None and ctx.is_main:
             check_output_dir(cfg.output, cfg.model)  # fail before minutes of scoring, not after
         if cfg.report is not None and ctx.is_main:
@@ -159,9 +160,7 @@ def check_report_place(cfg: RunConfig) -> None:
     for d in (cfg.model, cfg.output):
         if d is not None and (out == d.resolve() or d.resolve() in out.parents):
             raise OutputError(f"{cfg.report.output}: report.dir must be outside the model and output directories")
-    parent = next(p for p in out.parents if p.exists())
-    if not parent.is_dir():
-        raise OutputError(f"{cfg.report.output}: report.dir cannot be made: {parent} is not a directory")
+    check_creatable(cfg.report.output, "report.dir")
 
 
 def _models(cfg: RunConfig, patched: Path) -> dict[str, Path]:

@@ -232,6 +232,13 @@ def test_eval_and_report_problems_fail_before_any_work(workdir, extra, says, in_
     assert tree(workdir) == before  # no cache, no output, no report, the model byte for byte
 
 
+def test_a_missing_model_is_named_as_such(workdir):
+    """Once reported as "output must be outside the input model directory"."""
+    (workdir / "spin.yaml").write_text(YAML.format(output="out1").replace("model: model", "model: nomodel"))
+    r = cli("run", workdir / "spin.yaml")
+    assert r.returncode == 1 and "nomodel" in r.stderr and "outside" not in r.stderr, r.stderr
+
+
 def test_eval_answers_are_saved_per_model(workdir):
     """eval.save: one file per model evaluated, never the second over the first."""
     (workdir / "q.csv").write_text("questions\nWhere does my neighbour live?\nWhat is her phone number?\n")

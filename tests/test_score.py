@@ -291,6 +291,7 @@ def test_bad_inputs(tiny_model, data_csv, tmp_path):
         (lambda: run(model, data_csv, model / "model.safetensors"), "is an input of this command"),
         (lambda: run(model, data_csv, model / "config.json"), "config.json: is a file of the model directory"),
         (lambda: run(model, data_csv, linked), "linked.csv: is an input of this command .*calib.csv"),
+        (lambda: run(model, data_csv, data_csv / "s.safetensors"), "calib.csv is not a directory"),
     ]
     linked = tmp_path / "linked.csv"
     os.link(data_csv, linked)  # a second name of the data file: writing there would replace the data

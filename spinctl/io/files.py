@@ -192,6 +192,14 @@ def refuse_input_as_output(output: Path | None, inputs, dirs=(), flag: str = "-o
             raise OutputError(f"{output}: is a file of the model directory {d}; choose another {flag}")
 
 
+def check_creatable(path: Path, what: str) -> None:
+    """`path` can be made with its missing parents: its nearest existing ancestor is a directory
+    (else mkdir fails late, with a bare "File exists")."""
+    parent = next(p for p in Path(path).absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise OutputError(f"{path}: {what} cannot be made: {parent} is not a directory")
+
+
 def check_output_file(output: Path | None, inputs=(), dirs=(), flag: str = "-o") -> None:
     """Before any work, for a command that writes `output` but does not create its directory:
     it is a file name in an existing directory, and no input (refuse_input_as_output)."""
