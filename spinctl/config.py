@@ -445,6 +445,17 @@ class EvalConfig:
             raise OptionError("judge", "model", "needs both {judge_model} DIR and {judge_template} FILE")
 
 
+MAX_BINS = 10_000
+
+
+def check_bins(v):
+    """Histogram bins: at least 2; at most MAX_BINS, since the plot is about 1000 pixels wide (more bins cannot
+    be told apart) and numpy allocates the bin edges up front (--bins 10**13 asked it for 73 TiB)."""
+    if isinstance(v, int) and not isinstance(v, bool) and 2 <= v <= MAX_BINS:
+        return v
+    raise ValueError(f"must be an integer in [2, {MAX_BINS}]")
+
+
 @dataclass(frozen=True)
 class ReportConfig:
     """A report of one patch: its selection, the score files it came from, eval results, and where to write it."""
@@ -462,7 +473,7 @@ class ReportConfig:
         "(rerunning replaces it), recorded in its manifest so verify and revert cover it",
         check_flag,
     )
-    bins: int = option(40, "histogram bins of the score-distribution plot", check_integer(2), metavar="N")
+    bins: int = option(40, "histogram bins of the score-distribution plot", check_bins, metavar="N")
 
     def __post_init__(self):
         validate(self)

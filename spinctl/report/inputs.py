@@ -18,6 +18,7 @@ import numpy as np
 from spinctl import __version__
 from spinctl.config import ReportConfig
 from spinctl.errors import InputError
+from spinctl.io import untrusted
 from spinctl.io.files import file_sha256
 from spinctl.io.formats import ScoreFile, SelectionFile, read_scores, read_selection, top_count
 from spinctl.io.nonweight_edits import KEY as EDITS_KEY
@@ -56,6 +57,7 @@ def _score_files(cfg: ReportConfig, sel: SelectionFile) -> list[tuple[Path, str,
         )
     out = []
     for i, (path, sha) in enumerate(zip(given, want)):
+        untrusted.require_regular(path)  # a FIFO would block the hash forever
         got = file_sha256(path) if Path(path).is_file() else None
         if got is None:
             raise InputError(f"{path}: no such score file")
@@ -180,6 +182,7 @@ def collect(
 ) -> Report:
     """Read and cross-check every input; `recipe` {"kind": "spin.yaml", "text"} overrides the reconstructed commands,
     `labels` name the retain and coupled sets (default: the score files' names)."""
+    untrusted.require_regular(cfg.selection)  # a FIFO would block the read forever
     sel = read_selection(cfg.selection)
     files = _score_files(cfg, sel)
     manifest_path, manifest, manifest_sha = _manifest(cfg.patched, sel)

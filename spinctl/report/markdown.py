@@ -17,8 +17,13 @@ def _pct(x: float) -> str:
 def _table(header: list[str], rows: list[list], right: set[int] = frozenset()) -> list[str]:
     align = ["---:" if i in right else "---" for i in range(len(header))]
     out = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
-    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    out += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
     return out + [""]
+
+
+def _cell(c) -> str:
+    """A table cell: a `|` or a line break in a name (a pair set's, a file's) would break the table."""
+    return " ".join(str(c).splitlines()).replace("|", "\\|")
 
 
 def number_text(x) -> str:

@@ -5,12 +5,29 @@ from __future__ import annotations
 from spinctl.report.markdown import change_text, number_text
 
 
-def print_report(r: dict, console) -> None:
+def _table(title: str, columns: tuple = (), right: tuple = (), **kw):
+    """A rich table whose headers and cells are shown as they are, never read as rich markup: a pair set or a
+    file named `[/x]` would otherwise stop the printing half-way, after the report was written."""
+    from rich.markup import escape
     from rich.table import Table
+
+    t = Table(title=title, **kw)
+    for col in columns:
+        t.add_column(escape(str(col)), justify="right" if col in right else "left")
+    return t
+
+
+def _row(t, *cells) -> None:
+    from rich.markup import escape
+
+    t.add_row(*(escape(str(c)) for c in cells))
+
+
+def print_report(r: dict, console) -> None:
 
     s = r["summary"]
     sel = s["selection"]
-    t = Table(title=f"SPIN patch: {s['zeroed']:,} weights zeroed", show_header=False)
+    t = _table(f"SPIN patch: {s['zeroed']:,} weights zeroed", show_header=False)
     for k, v in (
         ("mode / p / q", f"{sel['mode']} / {sel['p']:g} / {sel['q']:g}"),
         ("tensors touched", f"{s['tensors_touched']} of {s['tensors']} scored ({s['scored']:,} weights)"),
@@ -18,15 +35,15 @@ def print_report(r: dict, console) -> None:
         ("manifest sha256", f"{s['manifest']['sha256']} ({s['manifest']['file']} as the patch wrote it)"),
         ("spinctl", s["version"]),
     ):
-        t.add_row(k, v)
+        _row(t, k, v)
     console.print(t)
-    t = Table(title="calibration data")
-    for col in ("set", "role", "data sha256", "rows", "samples", "method", "in top set / stored", "cut-off (median)"):
-        t.add_column(col, justify="right" if col in ("rows", "samples", "in top set / stored") else "left")
+    cols = ("set", "role", "data sha256", "rows", "samples", "method", "in top set / stored", "cut-off (median)")
+    t = _table("calibration data", cols, right=("rows", "samples", "in top set / stored"))
     for x in s["sets"]:
         cut = "–" if x["cutoff_median"] is None else f"{x['cutoff_median']:.3g}"
         frac = f"{x['role']} ({'p' if x['role'] == 'retain' else 'q'} {x['fraction']:g})"
-        t.add_row(
+        _row(
+            t,
             x["label"],
             frac,
             x["dataset_sha256"][:16] + "…",
@@ -38,23 +55,22 @@ def print_report(r: dict, console) -> None:
         )
     console.print(t)
     g = s["grid"]
-    t = Table(title="zeroed weights per layer and module")
-    for col in ("layer", *g["kinds"], "all"):
-        t.add_column(col, justify="right")
+    cols = ("layer", *g["kinds"], "all")
+    t = _table("zeroed weights per layer and module", cols, right=cols)
     for lay, row in zip(g["layers"], g["zeroed"]):
-        t.add_row(str(lay), *[f"{c:,}" for c in row], f"{sum(row):,}")
+        _row(t, lay, *[f"{c:,}" for c in row], f"{sum(row):,}")
     console.print(t)
     if s["evals"]:
-        t = Table(title="before / after")
-        for col in ("metric", "set", "before", "after", "change"):
-            t.add_column(col, justify="left" if col in ("metric", "set") else "right")
+        t = _table(
+            "before / after", ("metric", "set", "before", "after", "change"), right=("before", "after", "change")
+        )
         for e in s["evals"]:
-            t.add_row(e["metric"], e["set"] or "–", number_text(e["before"]), number_text(e["after"]), change_text(e))
+            _row(t, e["metric"], e["set"] or "–", number_text(e["before"]), number_text(e["after"]), change_text(e))
         console.print(t)
     else:
         console.print("no eval results given: no before/after figures")
     if r["plots_skipped"]:
-        console.print(r["plots_skipped"])
-    console.print(f"report -> {r['output']}: " + ", ".join(f.rsplit("/", 1)[-1] for f in r["files"]))
+        console.print(r["plots_skipped"], markup=False)
+    console.print(f"report -> {r['output']}: " + ", ".join(f.rsplit("/", 1)[-1] for f in r["files"]), markup=False)
     if r["card"]:
-        console.print(f"model-card section written into {r['card']} (recorded in the manifest)")
+        console.print(f"model-card section written into {r['card']} (recorded in the manifest)", markup=False)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import stat
 from pathlib import Path
 
 from spinctl.config import ReportConfig
 from spinctl.errors import OutputError
+from spinctl.io import untrusted
 from spinctl.io.files import staged_dir, write_synced
 from spinctl.report import card, plots
 from spinctl.report.inputs import collect
@@ -18,10 +21,17 @@ REPORT_FILES = ("report.md", "report.json", "zeroed_heatmap.png", "score_distrib
 def check_report_dir(out: Path) -> None:
     """New, empty, or an earlier report (its files are replaced): never a directory holding anything else."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(p.name not in REPORT_FILES for p in out.iterdir())):
+    if out.exists() and (
+        not out.is_dir() or any(p.name not in REPORT_FILES or not _plain_file(p) for p in out.iterdir())
+    ):
         raise OutputError(
             f"{out}: report directory holds other files; choose a new directory (an earlier report's files are replaced)"
         )
+
+
+def _plain_file(p: Path) -> bool:
+    """A file an earlier report wrote: regular, not a symlink (a FIFO named report.md is not a report's)."""
+    return stat.S_ISREG(p.lstat().st_mode)
 
 
 def write_report(
@@ -31,6 +41,9 @@ def write_report(
 
     `evals` are (where, JSON object) pairs of eval results; `recipe` a spin.yaml to quote
     ({"kind": "spin.yaml", "text", "overrides"}), else the commands are reconstructed.
+    Nothing is written before every check has passed; the README section is written inside the
+    report's staging, so a card that fails leaves no new report (an earlier one stays), and a
+    report that fails after the card puts the manifest and README back.
     """
     out = Path(cfg.output)
     check_report_dir(out)
@@ -44,21 +57,29 @@ def write_report(
         "report.json": (json.dumps(report.summary, indent=2) + "\n").encode(),
         **pngs,
     }
-    # An earlier report is replaced whole, never file by file; through a symlink, where it points.
-    with staged_dir(out.resolve() if out.is_symlink() else out, replace=True) as tmp:
-        for name, data in files.items():
-            write_synced(tmp / name, data)
-    result = {
+    section = summary_markdown(report.summary) if cfg.card else None
+    saved = card.snapshot(cfg.patched) if cfg.card else None
+    carded = False
+    try:
+        # An earlier report is replaced whole, never file by file; through a symlink, where it points.
+        with staged_dir(out.resolve() if out.is_symlink() else out, replace=True) as tmp:
+            for name, data in files.items():
+                write_synced(tmp / name, data)
+            if section is not None:
+                card.write(cfg.patched, section, saved)  # puts everything back itself if it fails
+                carded = True
+    except BaseException:
+        if carded:  # the report could not be put in place: take the card back too
+            with contextlib.suppress(Exception):  # the first failure is the one to report
+                card.undo(cfg.patched, saved)
+        raise
+    return {
         "output": str(out),
         "files": [str(out / n) for n in files],
         "plots_skipped": skipped,
-        "card": None,
+        "card": str(Path(cfg.patched) / card.README) if cfg.card else None,
         "summary": report.summary,
     }
-    if cfg.card:
-        card.write(cfg.patched, summary_markdown(report.summary))
-        result["card"] = str(Path(cfg.patched) / card.README)
-    return result
 
 
 def read_recipe(path: Path) -> dict:
@@ -66,6 +87,7 @@ def read_recipe(path: Path) -> dict:
     from spinctl.errors import InputError
     from spinctl.runconfig import parse_yaml
 
+    untrusted.require_regular(path)  # a FIFO would block the read forever
     try:
         text = Path(path).read_text("utf-8")
     except FileNotFoundError:
