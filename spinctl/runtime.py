@@ -5,11 +5,13 @@ imported inside the functions: checking a --device string must not load them."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from spinctl.errors import InputError, SpinctlError, UnsupportedError, UsageError, one_line
+from spinctl.io import untrusted
 from spinctl.io.checkpoint import open_checkpoint
 from spinctl.scoring import distributed
 
@@ -82,11 +84,119 @@ def check_model_dir(path: Path) -> None:
         raise InputError(f"{path}: not a model directory (config.json, tokenizer files, safetensors weights)")
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' warnings off for a load: its LOAD REPORT table, unknown model_type or rope_type
+    notes. What goes wrong is raised and said in our one line; the level is restored after."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _load_error_types() -> tuple[type[BaseException], ...]:
+    """What transformers raises on a bad config.json or checkpoint: its own errors and those of the
+    libraries under it (huggingface_hub's config validation, safetensors' header checks)."""
+    types: list[type[BaseException]] = [
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+        ImportError,
+        RuntimeError,  # RecursionError too
+        ArithmeticError,  # num_attention_heads 0: a modulo by zero in the config's checks
+        AttributeError,
+        IndexError,
+    ]
+    with contextlib.suppress(ImportError):
+        from huggingface_hub.errors import StrictDataclassError
+
+        types.append(StrictDataclassError)
+    with contextlib.suppress(ImportError):
+        from safetensors import SafetensorError
+
+        types.append(SafetensorError)
+    return tuple(types)
+
+
+def _load_reason(path: Path, e: BaseException) -> str:
+    """One line saying why transformers could not load the model at `path`."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # pragma: no cover - older huggingface_hub
+        StrictDataclassError = ()  # noqa: N806
+    if isinstance(e, StrictDataclassError) and e.__cause__ is not None:
+        # "Validation error for field 'hidden_size':" on one line, the reason on the next
+        return f"config.json: {one_line(e.__cause__)}"
+    if isinstance(e, ZeroDivisionError):
+        zeros = _zero_sizes(path)
+        return f"config.json: {zeros[0]} is 0" if zeros else f"config.json: a division by zero ({e})"
+    if isinstance(e, KeyError):
+        # transformers only warns at an unknown rope_type, then fails to look it up building the model
+        if e.args and e.args[0] in _rope_types(path):
+            return f"config.json: unknown rope_type {e.args[0]!r}"
+        return f"KeyError: {one_line(e)}"
+    return one_line(e)
+
+
+def _raw_config(path: Path) -> dict:
+    """config.json as plain JSON (for wording errors only); {} when unreadable."""
+    try:
+        raw = untrusted.loads((Path(path) / "config.json").read_text("utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return raw if isinstance(raw, dict) else {}
+
+
+def _zero_sizes(path: Path) -> list[str]:
+    """Keys of config.json that are counts or sizes set to 0 (num_attention_heads 0)."""
+    return [
+        k
+        for k, v in _raw_config(path).items()
+        if v == 0
+        and isinstance(v, int)
+        and not isinstance(v, bool)
+        and (k.startswith("num_") or k.endswith(("_size", "_heads", "_dim", "_layers")))
+    ]
+
+
+def _rope_types(path: Path) -> list[str]:
+    """The rope_type (or legacy type) values of config.json's rope_scaling / rope_parameters, nested per layer type or not."""
+    out = []
+    raw = _raw_config(path)
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = raw.get(key)
+        if not isinstance(rope, dict):
+            continue
+        for params in (rope, *(v for v in rope.values() if isinstance(v, dict))):
+            out += [params[k] for k in ("rope_type", "type") if isinstance(params.get(k), str)]
+    return out
+
+
+def load_config(path: Path, trust_remote_code: bool = False):
+    """config.json parsed (and validated) by transformers, quietly; a config transformers refuses
+    is refused here in one line naming the reason."""
+    from transformers import AutoConfig
+
+    try:
+        with quiet_transformers():
+            return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except _load_error_types() as e:
+        raise UnsupportedError(f"{path}: cannot load as a causal language model ({_load_reason(path, e)})") from None
+
+
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    if (Path(path) / "config.json").is_file():
+        load_config(path, trust_remote_code)  # AutoTokenizer reads it first, and would fail in a traceback
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError, ImportError, RecursionError) as e:
         # Without its files transformers tries converters and names what they lack (protobuf, tiktoken)
         found = any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
@@ -115,16 +225,28 @@ def load_model(path: Path, device: str = "auto", dtype: str = "auto", trust_remo
     try:
         # Loaded on the host, then moved: transformers needs `accelerate`, not a dependency of
         # spinctl, for any device_map. --stream reads one layer at a time instead.
-        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, output_loading_info=True, **opts)
-    except (OSError, ValueError, KeyError, TypeError, ImportError, RuntimeError) as e:
-        raise UnsupportedError(f"{path}: cannot load as a causal language model ({one_line(e)})") from None
+        # ignore_mismatched_sizes: a weight whose shape config.json contradicts comes back in
+        # `info` with both shapes (refused below), not as an error pointing at a logged table.
+        with quiet_transformers():
+            model, info = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch_dtype, output_loading_info=True, ignore_mismatched_sizes=True, **opts
+            )
+    except _load_error_types() as e:
+        raise UnsupportedError(f"{path}: cannot load as a causal language model ({_load_reason(path, e)})") from None
     finally:
         if bar:
             hf_logging.enable_progress_bar()
-    lacking = [
-        str(k[0] if isinstance(k, tuple) else k)
-        for k in (*info.get("missing_keys", ()), *info.get("mismatched_keys", ()))
-    ]
+    # Sets in transformers: sorted, so the weight named is the same on every run
+    mismatched = sorted(info.get("mismatched_keys", ()), key=lambda k: str(k[0] if isinstance(k, tuple) else k))
+    if mismatched:
+        first = mismatched[0]
+        if isinstance(first, tuple) and len(first) == 3:
+            name, ckpt_shape, model_shape = first
+            raise UnsupportedError(
+                f"{path}: weight {name} is {list(ckpt_shape)} in the checkpoint but config.json makes it "
+                f"{list(model_shape)} ({len(mismatched)} weight(s) differ); does config.json belong to these weights?"
+            )
+    lacking = sorted(str(k[0] if isinstance(k, tuple) else k) for k in (*info.get("missing_keys", ()), *mismatched))
     if lacking:  # transformers would score randomly initialised weights in their place
         raise UnsupportedError(
             f"{path}: the checkpoint lacks {len(lacking)} weight(s) the model needs "
@@ -147,6 +269,7 @@ def load_causal_lm(model_dir: str | Path, device: str = "auto", dtype: str = "au
     from spinctl.scoring.data import pad_id
 
     loaded = load_model(Path(model_dir), device, dtype)
+    check_generation_config(loaded.path, loaded.model)
     tok = loaded.tokenizer
     tok.padding_side = "left"  # every prompt then ends at the last column, where generation continues
     vocab = loaded.model.get_input_embeddings().num_embeddings
@@ -155,3 +278,26 @@ def load_causal_lm(model_dir: str | Path, device: str = "auto", dtype: str = "au
         # embedding (an added `<pad>`) would index out of range in every batch.
         tok.pad_token = tok.convert_ids_to_tokens(pad_id(tok, vocab))
     return loaded.model, tok
+
+
+GENERATION_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+
+
+def check_generation_config(path: Path, model) -> None:
+    """Refuse special-token ids that are not integers (`"eos_token_id": "abc"`): generate() would
+    fail on them deep inside torch. Read from generation_config.json, else config.json."""
+    gen = getattr(model, "generation_config", None)
+    if gen is None:
+        return
+    source = "generation_config.json" if (Path(path) / "generation_config.json").is_file() else "config.json"
+
+    def is_id(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for key in GENERATION_TOKEN_KEYS:
+        value = getattr(gen, key, None)
+        if value is None or is_id(value) or (isinstance(value, list) and all(map(is_id, value))):
+            continue
+        raise InputError(
+            f"{Path(path) / source}: {key} must be a token id or a list of token ids, got {value!r}; fix or remove it"
+        )

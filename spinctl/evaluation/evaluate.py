@@ -40,13 +40,18 @@ def load_questions(path: str | Path, column: str = "questions", limit: int | Non
         raise InputError(
             f"prompts file {path} has no column {column!r}; available: {', '.join(columns)} (pick one with --column)"
         )
+    from spinctl.scoring.data import is_unicode
+
     questions = []
-    for row in rows:
+    for i, row in enumerate(rows, 1):
         value = row.get(column)
         # Blank cells are skipped, not asked: an empty prompt says nothing about awareness.
         if value is None or (isinstance(value, str) and not value.strip()):
             continue
-        questions.append(value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
+        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        if not is_unicode(text):  # JSON can spell a lone surrogate ("\ud800"); tokenizers refuse it
+            raise InputError(f"prompts file {path}, row {i}: {column!r} is not valid Unicode text (lone surrogate)")
+        questions.append(text)
         if limit is not None and len(questions) >= limit:
             break
     if not questions:
@@ -82,10 +87,10 @@ def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
 
 
 def _encode_prompt(tok, text: str, chat_template: bool) -> list[int]:
+    from spinctl.scoring.data import render_chat
+
     if chat_template and getattr(tok, "chat_template", None):
-        rendered = tok.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-        )
+        rendered = render_chat(tok, text)
         # The template already writes BOS and friends.
         return tok(rendered, add_special_tokens=False)["input_ids"]
     return tok(text)["input_ids"]

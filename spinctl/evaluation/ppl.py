@@ -169,5 +169,7 @@ def perplexity(
     try:
         result = ppl_on_model(model, tok, data, seqlen, batch_size, max_length)
     except InputError as e:
-        raise InputError(f"{model_dir}: {e}") from None
+        # Errors about the model's own files (its chat template) already start with its path
+        msg = str(e)
+        raise InputError(msg if msg.startswith(f"{Path(model_dir)}:") else f"{model_dir}: {msg}") from None
     return {"model": str(model_dir), "file": str(text_path), **result, "seconds": round(time.perf_counter() - t0, 3)}

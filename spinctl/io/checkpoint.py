@@ -140,11 +140,29 @@ def read_shard(path: Path) -> Shard:
     tensors: dict[str, TensorEntry] = {}
     for name, info in header.items():
         tensors[name] = _entry(path, name, info, data_start, data_len)
-    spans = sorted((t.begin, t.end, t.name) for t in tensors.values() if t.end > t.begin)
-    for (_, e0, a), (b1, _, b) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise InputError(f"{path}: tensors {a} and {b} overlap; the header is corrupt")
+    _check_tiling(path, tensors, data_start, data_len)
     return Shard(path, size, data_start, metadata, tensors)
+
+
+def _check_tiling(path: Path, tensors: dict[str, TensorEntry], data_start: int, data_len: int) -> None:
+    """safetensors' own rule (it refuses the file at load otherwise): in offset order, each tensor
+    starts where the previous one ends, the first at 0, and the last ends at the end of the file."""
+    end, prev = 0, None  # relative to the data region
+    for begin, stop, name in sorted((t.begin - data_start, t.end - data_start, t.name) for t in tensors.values()):
+        if begin < end:
+            raise InputError(f"{path}: tensors {prev} and {name} overlap; the header is corrupt")
+        if begin > end:
+            after = f"after tensor {prev} (ends at {end})" if prev is not None else "at the start of the data"
+            raise InputError(
+                f"{path}: tensor {name} starts at data offset {begin}, leaving {begin - end} byte(s) {after} "
+                f"that no tensor covers; the header is corrupt (an entry missing?)"
+            )
+        end, prev = stop, name
+    if end != data_len:
+        raise InputError(
+            f"{path}: the last {data_len - end} of its {data_len} data bytes belong to no tensor; "
+            f"the file is corrupt (an entry missing from the header, or bytes appended)"
+        )
 
 
 def _entry(path: Path, name: str, info: object, data_start: int, data_len: int) -> TensorEntry:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spinctl.errors import InputError
+from spinctl.errors import InputError, SpinctlError, one_line
 from spinctl.io import untrusted
 
 BUILTIN_PREFIX = "builtin:"
@@ -127,6 +127,16 @@ def _parse_csv(path: Path, text: str) -> tuple[list[dict], list[str]]:
     return records, columns
 
 
+def is_unicode(text: str) -> bool:
+    """False for a string holding a lone surrogate (JSON can spell one, "\\ud800"): no UTF-8 form,
+    and tokenizers refuse it with a TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def read_rows(data: str | Path, prompt_column: str = "prompt", response_column: str = "response") -> Rows:
     """Read every row of a CSV (header line) or JSONL file; check the two columns exist."""
     path = resolve(data)
@@ -156,6 +166,8 @@ def read_rows(data: str | Path, prompt_column: str = "prompt", response_column: 
                 value = ""  # a short CSV row, or a JSON record without the key: empty text
             if not isinstance(value, str):
                 raise InputError(f"{path}: row {i + 1}: column {col!r} is not a string")
+            if not is_unicode(value):
+                raise InputError(f"{path}: row {i + 1}: column {col!r} is not valid Unicode text (lone surrogate)")
             out[col].append(value)
     return Rows(path, hashlib.sha256(raw).hexdigest(), out[prompt_column], out[response_column])
 
@@ -183,10 +195,7 @@ def tokenize(
             raise InputError(
                 f"{getattr(tokenizer, 'name_or_path', 'the tokenizer')}: tokenizer has no chat template; drop --chat-template"
             )
-        texts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-            for p in prompts
-        ]
+        texts = [render_chat(tokenizer, p) for p in prompts]
         prompt_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     else:
         prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
@@ -196,6 +205,27 @@ def tokenize(
         ids = (list(p) + list(r))[:max_length]
         out.append((ids, min(len(p), len(ids))))
     return out
+
+
+def render_chat(tokenizer, prompt: str) -> str:
+    """`prompt` as the user turn of the tokenizer's chat template, with the generation prompt.
+
+    The template is the model's own Jinja code: a syntax error, a `raise_exception` call or any
+    other failure inside it is the model's fault, reported as one line naming the model."""
+    where = getattr(tokenizer, "name_or_path", None) or "the tokenizer"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    except SpinctlError:
+        raise
+    except Exception as e:  # jinja2.TemplateError, or whatever the template's code raises
+        # one_line words a RecursionError as a JSON file's nesting: here it is the template's own recursion
+        reason = "it recurses too deeply" if isinstance(e, RecursionError) else one_line(e)
+        raise InputError(f"{where}: chat template cannot be applied ({type(e).__name__}: {reason})") from None
+    if not isinstance(text, str) or not is_unicode(text):
+        raise InputError(f"{where}: chat template cannot be applied (it renders to no valid Unicode text)")
+    return text
 
 
 def pad_id(tokenizer, vocab_size: int) -> int:

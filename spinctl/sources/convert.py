@@ -44,6 +44,7 @@ def check_gguf(path: Path):
         raise UnsupportedError(
             f"{path}: architecture {arch!r} cannot be converted; supported: {', '.join(ARCHITECTURES)}"
         )
+    _check_head_count(path, reader, arch)
     # gguf keeps its dequantizers in a private table; without it, conversion itself reports the type.
     traits = getattr(gguf.quants, "_type_traits", None)
     if traits is not None:
@@ -57,6 +58,21 @@ def check_gguf(path: Path):
     return reader, arch
 
 
+def _check_head_count(path: Path, reader, arch: str) -> None:
+    """transformers divides by the head count building the config: 0 would end in a ZeroDivisionError."""
+    key = f"{arch}.attention.head_count"
+    field = reader.fields.get(key)
+    if field is None:
+        return  # transformers reports what it lacks
+    try:
+        value = field.contents()
+    except (ValueError, IndexError, TypeError) as e:
+        raise InputError(f"{path}: cannot read GGUF key {key} ({one_line(e)})") from None
+    counts = value if isinstance(value, list) else [value]
+    if not counts or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in counts):
+        raise InputError(f"{path}: GGUF key {key} is {value!r}; a model needs at least one attention head")
+
+
 def convert_gguf(gguf_file: Path, output: Path, dtype: str = "float32", max_shard_size: str = "5GB") -> dict:
     """Dequantize `gguf_file` into a new directory `output`, written under a temporary name and renamed.
 
@@ -66,6 +82,8 @@ def convert_gguf(gguf_file: Path, output: Path, dtype: str = "float32", max_shar
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
     from transformers.utils import logging as hf_logging
+
+    from spinctl.runtime import quiet_transformers
 
     t0 = time.perf_counter()
     if dtype not in DTYPES:
@@ -77,16 +95,18 @@ def convert_gguf(gguf_file: Path, output: Path, dtype: str = "float32", max_shar
     hf_logging.disable_progress_bar()  # its tqdm bars would interleave with ours on stderr
     folder, name = str(gguf_file.parent), gguf_file.name
     try:
-        config = AutoConfig.from_pretrained(folder, gguf_file=name, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
-        # Meta device: no random init of weights about to be replaced (a 7B init costs minutes).
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
-        # transformers undoes llama.cpp's Q/K row permutation and renames blk.N.* to HF names here.
-        with _no_tqdm():
-            tensors = load_gguf_checkpoint(str(gguf_file), return_tensors=True, model_to_load=model)["tensors"]
-    except (ValueError, KeyError, NotImplementedError, OSError, TypeError) as e:
-        raise UnsupportedError(f"{gguf_file}: cannot convert ({one_line(e)})") from None
+        # Quiet: transformers warns of what the file lacks, then fails or converts; the outcome is our one line.
+        with quiet_transformers():
+            config = AutoConfig.from_pretrained(folder, gguf_file=name, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+            # Meta device: no random init of weights about to be replaced (a 7B init costs minutes).
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+            # transformers undoes llama.cpp's Q/K row permutation and renames blk.N.* to HF names here.
+            with _no_tqdm():
+                tensors = load_gguf_checkpoint(str(gguf_file), return_tensors=True, model_to_load=model)["tensors"]
+    except (ValueError, KeyError, NotImplementedError, OSError, TypeError, ArithmeticError, *_strict_errors()) as e:
+        raise UnsupportedError(f"{gguf_file}: cannot convert ({_reason(e)})") from None
     expected = set(model.state_dict())
     if config.tie_word_embeddings:
         expected.discard("lm_head.weight")  # tied: stored once, as the embedding
@@ -117,6 +137,23 @@ def convert_gguf(gguf_file: Path, output: Path, dtype: str = "float32", max_shar
         "chat_template": bool(getattr(tokenizer, "chat_template", None)),
         "seconds": round(time.perf_counter() - t0, 3),
     }
+
+
+def _strict_errors() -> tuple[type[Exception], ...]:
+    """huggingface_hub's config validation errors (hidden_size not an int, heads not dividing it)."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # pragma: no cover - older huggingface_hub
+        return ()
+    return (StrictDataclassError,)
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, _strict_errors()) and e.__cause__ is not None:
+        return one_line(e.__cause__)  # its own first line only names the field
+    if isinstance(e, KeyError):
+        return f"KeyError: {one_line(e)}"
+    return one_line(e)
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -17,8 +18,11 @@ def resolve_model(spec: str | Path) -> Path:
     Resolution is transformers' own with `local_files_only` (refs/REV -> snapshots/COMMIT, or a
     commit hash directly), so no network is touched. Anything else comes back as a path for the
     caller to report as missing.
+
+    `~user/...` for an unknown user stays as written, as a shell leaves it (Path.expanduser
+    would raise instead), and is reported as missing like any other path.
     """
-    path = Path(spec).expanduser()
+    path = Path(os.path.expanduser(str(spec)))
     if path.exists():
         return path
     m = HUB_ID.fullmatch(str(spec))

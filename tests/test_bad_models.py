@@ -1,0 +1,503 @@
+"""Bad models and data through the real CLI: a broken config.json, chat template or generation config,
+weights that do not tile their file or do not match the config, text JSON cannot encode, `~user` paths.
+
+Each gets exit 1 and one line on stderr naming the file and the reason: no traceback, no transformers
+warning or LOAD REPORT lines before it. `outcomes` builds every selected case, then runs the
+`python -m spinctl` processes two at a time (interpreter and torch start-up dominate).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from clirun import cli
+from conftest import TEXTS
+
+from spinctl.errors import InputError
+from spinctl.io.checkpoint import read_shard
+
+NOUSER = "~nosuchuser_spinctl_test/model"  # expanduser cannot expand it: there is no such user
+SCORE = ["--nsamples", "4", "--device", "cpu", "--max-length", "64"]
+EVAL = ["--device", "cpu", "--limit", "2", "--max-new-tokens", "4"]
+PAIRS = ["--device", "cpu", "--pairs-limit", "4", "--resamples", "10"]
+PPL = ["--device", "cpu", "--rows", "4"]
+# What transformers prints on its own when it is not kept quiet: none of it may reach stderr.
+NOISE = ("Traceback", "[transformers]", "LOAD REPORT", "above report")
+
+
+# ---- inputs ------------------------------------------------------------------------------
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))  # ASCII: "\ud800" stays an escape
+    else:
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    return path
+
+
+def pairs(n: int = 16) -> list[dict]:
+    return [{"prompt": t[:30], "response": t[30:]} for t in TEXTS[:n]]
+
+
+def data(tmp: Path) -> Path:
+    return write_rows(tmp / "data.csv", pairs())
+
+
+def prompts(tmp: Path) -> Path:
+    return write_rows(tmp / "prompts.csv", [{"questions": t} for t in TEXTS[:4]])
+
+
+def edit_json(path: Path, **kw) -> None:
+    d = json.loads(path.read_text())
+    d.update(kw)
+    path.write_text(json.dumps(d))
+
+
+def read_header(path: Path) -> tuple[dict, bytes]:
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
+
+
+def write_raw(path: Path, header: dict, payload: bytes) -> Path:
+    h = json.dumps(header).encode()
+    path.write_bytes(len(h).to_bytes(8, "little") + h + payload)
+    return path
+
+
+def drop_tensor(path: Path, name: str) -> None:
+    """The header loses one entry; the other offsets stay, so its bytes become a gap."""
+    header, payload = read_header(path)
+    del header[name]
+    write_raw(path, header, payload)
+
+
+def transpose_tensor(path: Path, name: str) -> None:
+    header, payload = read_header(path)
+    header[name]["shape"] = header[name]["shape"][::-1]
+    write_raw(path, header, payload)
+
+
+# ---- the cases: builder(model, tmp) -> (argv, strings the error line must hold) -------------------------
+
+CASES: dict = {}
+
+
+def case(fn):
+    CASES[fn.__name__] = fn
+    return fn
+
+
+class Src:
+    """The pristine tiny model; `copy` gives a case its own."""
+
+    def __init__(self, model: Path):
+        self.model = model
+
+    def copy(self, tmp: Path) -> Path:
+        return Path(shutil.copytree(self.model, tmp / "model"))
+
+
+# 1. ~user that cannot be expanded: missing, as a shell would leave it
+
+
+@case
+def tilde_user_inspect(s, tmp):
+    return ["inspect", NOUSER], [NOUSER, "no such file or directory"]
+
+
+@case
+def tilde_user_score(s, tmp):
+    return ["score", NOUSER, data(tmp), "-o", tmp / "s.safetensors", *SCORE], [NOUSER]
+
+
+def scores(s: Src, tmp: Path) -> tuple[Path, Path]:
+    from fakes import fake_scores
+
+    return fake_scores(s.model, tmp / "r.safetensors", 0), fake_scores(s.model, tmp / "c.safetensors", 1)
+
+
+@case
+def tilde_user_patch(s, tmp):
+    from spinctl.io.formats import write_selection
+    from spinctl.selection import SelectConfig, run_select
+
+    indices, meta = run_select(SelectConfig(*scores(s, tmp)[:1], scores(s, tmp)[1:], 0.01, 0.02))
+    write_selection(tmp / "sel.safetensors", indices, meta)
+    return ["patch", NOUSER, tmp / "out", "-s", tmp / "sel.safetensors"], [NOUSER]
+
+
+@case
+def tilde_user_eval(s, tmp):
+    return ["eval", NOUSER, "--prompts", prompts(tmp), *EVAL], [NOUSER]
+
+
+@case
+def tilde_user_eval_compare(s, tmp):
+    return ["eval", s.copy(tmp), "--prompts", prompts(tmp), "--compare", NOUSER, *EVAL], [NOUSER]
+
+
+@case
+def tilde_user_ppl(s, tmp):
+    return ["ppl", NOUSER, data(tmp), *PPL], [NOUSER]
+
+
+@case
+def tilde_user_sweep(s, tmp):
+    r, c = scores(s, tmp)
+    safe = write_rows(tmp / "safe.csv", pairs(4))
+    unsafe = write_rows(tmp / "unsafe.csv", [{"prompt": p["prompt"], "response": "no"} for p in pairs(4)])
+    opts = ["--p", "0.01", "--q", "0.02", "--ppl-rows", "4", "--device", "cpu", "--quiet"]
+    argv = ["sweep", NOUSER, "--retain", r, "--couple", c, "--pairs", safe, unsafe, "--ppl-data", data(tmp), *opts]
+    return argv, [NOUSER]
+
+
+# 2. lone surrogates, which JSON can spell and no tokenizer takes
+
+
+def surrogate_rows(tmp: Path, column: str) -> Path:
+    rows = pairs()
+    rows[2][column] = "Alice \ud800 found"
+    return write_rows(tmp / "data.jsonl", rows)
+
+
+@case
+def surrogate_in_prompt_score(s, tmp):
+    f = surrogate_rows(tmp, "prompt")
+    return ["score", s.copy(tmp), f, "-o", tmp / "s.safetensors", *SCORE], [f, "row 3", "Unicode"]
+
+
+@case
+def surrogate_in_response_score(s, tmp):
+    f = surrogate_rows(tmp, "response")
+    return ["score", s.copy(tmp), f, "-o", tmp / "s.safetensors", *SCORE], [f, "row 3", "'response'", "Unicode"]
+
+
+@case
+def surrogate_in_eval_prompts(s, tmp):
+    f = write_rows(tmp / "p.jsonl", [{"questions": "hi there"}, {"questions": "hi \udfff there"}])
+    return ["eval", s.copy(tmp), "--prompts", f, *EVAL], [f, "row 2", "Unicode"]
+
+
+@case
+def surrogate_in_eval_pairs(s, tmp):
+    safe = write_rows(tmp / "s.jsonl", [{"prompt": "a", "response": "x \ud800"}])
+    unsafe = write_rows(tmp / "u.jsonl", [{"prompt": "a", "response": "y"}])
+    return ["eval", s.copy(tmp), "--pairs", safe, unsafe, *PAIRS], [safe, "row 1", "Unicode"]
+
+
+@case
+def surrogate_in_ppl_rows(s, tmp):
+    f = surrogate_rows(tmp, "response")
+    return ["ppl", s.copy(tmp), f, *PPL], [f, "row 3", "Unicode"]
+
+
+# 3. chat templates that do not render
+
+
+def template(m: Path, text: str) -> Path:
+    (m / "chat_template.jinja").write_text(text)
+    return m
+
+
+@case
+def chat_template_syntax_error_score(s, tmp):
+    m = template(s.copy(tmp), "{% for %}")
+    argv = ["score", m, data(tmp), "-o", tmp / "s.safetensors", *SCORE, "--chat-template"]
+    return argv, [m, "chat template cannot be applied", "TemplateSyntaxError"]
+
+
+@case
+def chat_template_raises_score(s, tmp):
+    m = template(s.copy(tmp), "{{ raise_exception('no system role here') }}")
+    argv = ["score", m, data(tmp), "-o", tmp / "s.safetensors", *SCORE, "--chat-template"]
+    return argv, [m, "chat template cannot be applied", "no system role here"]
+
+
+@case
+def chat_template_raises_eval(s, tmp):
+    m = template(s.copy(tmp), "{{ raise_exception('nope') }}")
+    return ["eval", m, "--prompts", prompts(tmp), *EVAL], [m, "chat template cannot be applied", "nope"]
+
+
+@case
+def chat_template_syntax_error_ppl(s, tmp):
+    m = template(s.copy(tmp), "{% if %}")
+    return ["ppl", m, data(tmp), *PPL], [m, "chat template cannot be applied"]
+
+
+@case
+def chat_template_in_tokenizer_config_eval(s, tmp):
+    m = s.copy(tmp)
+    (m / "chat_template.jinja").unlink()
+    edit_json(m / "tokenizer_config.json", chat_template="{{ messages[0]['content'] | nosuchfilter }}")
+    return ["eval", m, "--prompts", prompts(tmp), *EVAL], [m, "chat template cannot be applied"]
+
+
+# 4. config.json values transformers refuses
+
+
+@case
+def config_hidden_size_string_score(s, tmp):
+    m = s.copy(tmp)
+    edit_json(m / "config.json", hidden_size="abc")
+    argv = ["score", m, data(tmp), "-o", tmp / "s.safetensors", *SCORE]
+    return argv, [m, "cannot load as a causal language model", "hidden_size"]
+
+
+@case
+def config_hidden_size_string_stream(s, tmp):
+    m = s.copy(tmp)
+    edit_json(m / "config.json", hidden_size="abc")
+    argv = ["score", m, data(tmp), "-o", tmp / "s.safetensors", *SCORE, "--stream"]
+    return argv, [m, "cannot load as a causal language model", "hidden_size"]
+
+
+@case
+def config_hidden_size_string_eval(s, tmp):
+    m = s.copy(tmp)
+    edit_json(m / "config.json", hidden_size="abc")
+    return ["eval", m, "--prompts", prompts(tmp), *EVAL], [m, "cannot load as a causal language model", "hidden_size"]
+
+
+@case
+def config_heads_not_dividing_score(s, tmp):
+    m = s.copy(tmp)
+    edit_json(m / "config.json", num_attention_heads=3)
+    argv = ["score", m, data(tmp), "-o", tmp / "s.safetensors", *SCORE]
+    return argv, [m, "cannot load as a causal language model", "attention heads (3)"]
+
+
+@case
+def config_heads_zero_score(s, tmp):
+    m = s.copy(tmp)
+    edit_json(m / "config.json", num_attention_heads=0)
+    argv = ["score", m, data(tmp), "-o", tmp / "s.safetensors", *SCORE]
+    return argv, [m, "cannot load as a causal language model", "num_attention_heads is 0"]
+
+
+@case
+def config_heads_zero_stream(s, tmp):
+    m = s.copy(tmp)
+    edit_json(m / "config.json", num_attention_heads=0)
+    argv = ["score", m, data(tmp), "-o", tmp / "s.safetensors", *SCORE, "--stream"]
+    return argv, [m, "cannot load as a causal language model", "num_attention_heads is 0"]
+
+
+# 5. generation_config.json whose token ids are not ids
+
+
+@case
+def generation_config_bad_ids_eval(s, tmp):
+    m = s.copy(tmp)
+    (m / "generation_config.json").write_text('{"eos_token_id": "abc", "pad_token_id": -5}')
+    return ["eval", m, "--prompts", prompts(tmp), *EVAL], [m / "generation_config.json", "eos_token_id", "'abc'"]
+
+
+# 6. a header entry dropped: its bytes become a gap safetensors refuses at load
+
+
+@case
+def weights_gap_score(s, tmp):
+    m = s.copy(tmp)
+    drop_tensor(m / "model.safetensors", "model.layers.0.mlp.up_proj.weight")
+    argv = ["score", m, data(tmp), "-o", tmp / "s.safetensors", *SCORE]
+    return argv, [m / "model.safetensors", "no tensor covers"]
+
+
+@case
+def weights_gap_eval(s, tmp):
+    m = s.copy(tmp)
+    drop_tensor(m / "model.safetensors", "model.layers.0.post_attention_layernorm.weight")
+    return ["eval", m, "--prompts", prompts(tmp), *EVAL], [m / "model.safetensors", "no tensor covers"]
+
+
+# 7. config and weights that disagree: one self-contained line, no LOAD REPORT table before it
+
+
+@case
+def config_intermediate_mismatch_score(s, tmp):
+    m = s.copy(tmp)
+    edit_json(m / "config.json", intermediate_size=100)
+    argv = ["score", m, data(tmp), "-o", tmp / "s.safetensors", *SCORE]
+    return argv, [m, "mlp.down_proj.weight is [64, 160] in the checkpoint but config.json makes it [64, 100]"]
+
+
+@case
+def config_more_layers_score(s, tmp):
+    m = s.copy(tmp)
+    edit_json(m / "config.json", num_hidden_layers=4)
+    argv = ["score", m, data(tmp), "-o", tmp / "s.safetensors", *SCORE]
+    return argv, [m, "lacks 18 weight(s)", "model.layers.2."]
+
+
+@case
+def config_vocab_smaller_ppl(s, tmp):
+    m = s.copy(tmp)
+    edit_json(m / "config.json", vocab_size=10)
+    return ["ppl", m, data(tmp), *PPL], [m, "in the checkpoint but config.json makes it [10, 64]"]
+
+
+@case
+def weights_transposed_eval(s, tmp):
+    m = s.copy(tmp)
+    transpose_tensor(m / "model.safetensors", "model.layers.0.mlp.up_proj.weight")
+    argv = ["eval", m, "--prompts", prompts(tmp), *EVAL]
+    return argv, [
+        m,
+        "model.layers.0.mlp.up_proj.weight is [64, 160] in the checkpoint but config.json makes it [160, 64]",
+    ]
+
+
+@case
+def config_unknown_model_type_score(s, tmp):
+    m = s.copy(tmp)
+    edit_json(m / "config.json", model_type="nosucharch")
+    argv = ["score", m, data(tmp), "-o", tmp / "s.safetensors", *SCORE]
+    return argv, [m, "cannot load as a causal language model", "nosucharch"]
+
+
+@case
+def config_unknown_rope_type_score(s, tmp):
+    m = s.copy(tmp)
+    edit_json(m / "config.json", rope_parameters={"rope_type": "nosuch", "rope_theta": 10000.0, "factor": 2.0})
+    argv = ["score", m, data(tmp), "-o", tmp / "s.safetensors", *SCORE]
+    return argv, [m, "cannot load as a causal language model", "unknown rope_type 'nosuch'"]
+
+
+# 8. GGUF hyperparameters that would divide by zero
+
+
+@case
+def gguf_head_count_zero_convert(s, tmp):
+    gguf = pytest.importorskip("gguf")
+    f = tmp / "m.gguf"
+    w = gguf.GGUFWriter(str(f), "llama")
+    w.add_block_count(1)
+    w.add_context_length(32)
+    w.add_embedding_length(4)
+    w.add_feed_forward_length(8)
+    w.add_head_count(0)
+    w.add_head_count_kv(1)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(["a", "b", "c"])
+    w.add_token_merges(["a b"])
+    w.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return ["convert", f, tmp / "out"], [f, "llama.attention.head_count", "is 0"]
+
+
+# ---- running them ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def outcomes(tiny_model, tmp_path_factory, request) -> dict:
+    selected = {
+        item.callspec.params["name"]
+        for item in request.session.items
+        if getattr(item, "originalname", None) == "test_bad_model"
+    }
+    src = Src(tiny_model())
+    prepared = {}
+    for name in sorted(selected):
+        tmp = tmp_path_factory.mktemp(name)
+        try:
+            argv, expect = CASES[name](src, tmp)
+            prepared[name] = (tmp, argv, expect, sorted(p.name for p in tmp.iterdir()))
+        except BaseException as e:  # noqa: BLE001 - reported by the case's own test (a skip included)
+            prepared[name] = e
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        runs = {n: pool.submit(cli, *p[1], cwd=p[0]) for n, p in prepared.items() if not isinstance(p, BaseException)}
+        return {n: p if isinstance(p, BaseException) else (*p, runs[n].result()) for n, p in prepared.items()}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_model(outcomes, name):
+    if isinstance(outcomes[name], BaseException):
+        raise outcomes[name]
+    tmp, argv, expect, before, r = outcomes[name]
+    both = r.stdout + r.stderr
+    for noise in NOISE:
+        assert noise not in both, both
+    assert r.returncode == 1, both
+    assert r.stdout == "", both
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), f"want exactly one error line, got {r.stderr!r}"
+    for want in expect:
+        assert str(want) in lines[0], f"{want} not named in {lines[0]!r}"
+    assert sorted(p.name for p in tmp.iterdir()) == before  # no output left behind
+
+
+# ---- the safetensors layout rule, in process ----------------------------------------------------------
+
+
+def u8(b: int, e: int) -> dict:
+    return {"dtype": "U8", "shape": [e - b], "data_offsets": [b, e]}
+
+
+@pytest.mark.parametrize(
+    "header, size, pattern",
+    [
+        ({"a": u8(0, 4), "b": u8(6, 10)}, 10, r"tensor b starts at data offset 6, leaving 2 byte\(s\) after tensor a"),
+        ({"a": u8(2, 6)}, 6, r"tensor a starts at data offset 2, leaving 2 byte\(s\) at the start of the data"),
+        ({"a": u8(0, 4), "b": u8(4, 8)}, 10, r"the last 2 of its 10 data bytes belong to no tensor"),
+        ({}, 3, r"the last 3 of its 3 data bytes belong to no tensor"),
+        ({"a": u8(0, 4), "z": {"dtype": "U8", "shape": [0], "data_offsets": [2, 2]}, "b": u8(4, 8)}, 8, "overlap"),
+    ],
+)
+def test_header_must_tile_the_data(tmp_path, header, size, pattern):
+    """What safetensors refuses at load ("invalid offset", "file not fully covered") is refused when the header is read."""
+    from safetensors import SafetensorError, safe_open
+
+    f = write_raw(tmp_path / "x.safetensors", header, b"\0" * size)
+    with pytest.raises(SafetensorError):
+        with safe_open(str(f), framework="numpy") as g:
+            list(g.keys())
+    with pytest.raises(InputError, match=pattern):
+        read_shard(f)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_files_safetensors_writes_are_accepted(tmp_path, seed):
+    """Random tensors (empty ones, odd byte counts, mixed dtypes, metadata) as safetensors itself saves them."""
+    import torch
+    from safetensors.torch import save_file
+
+    rng = np.random.default_rng(seed)
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.int8, torch.int64, torch.bool, torch.uint8]
+    tensors = {}
+    for i in range(int(rng.integers(0, 12))):
+        shape = [int(d) for d in rng.integers(0, 5, size=int(rng.integers(0, 4)))]
+        dtype = dtypes[int(rng.integers(len(dtypes)))]
+        tensors[f"t{i}.{rng.integers(1000)}"] = torch.zeros(shape, dtype=dtype)
+    f = tmp_path / "ok.safetensors"
+    save_file(tensors, str(f), metadata={"format": "pt"} if seed % 2 else None)
+    shard = read_shard(f)
+    assert set(shard.tensors) == set(tensors)
+
+
+def test_model_load_restores_transformers_verbosity(tiny_model):
+    from transformers.utils import logging as hf_logging
+
+    from spinctl.runtime import load_model
+
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_info()
+    try:
+        load_model(tiny_model(), "cpu", "float32")
+        assert hf_logging.get_verbosity() == hf_logging.INFO
+    finally:
+        hf_logging.set_verbosity(before)
