@@ -1015,6 +1015,21 @@ def manifest_is_a_fifo(w, tmp):
 
 
 @case
+def selection_is_a_fifo(w, tmp):
+    os.mkfifo(tmp / "fifo.safetensors")
+    return ["patch", w.model(tmp), tmp / "out", "-s", tmp / "fifo.safetensors"], [
+        tmp / "fifo.safetensors",
+        "not a regular",
+    ]
+
+
+@case
+def retain_scores_are_a_fifo_inspect(w, tmp):
+    os.mkfifo(tmp / "r.safetensors")
+    return ["inspect", tmp / "r.safetensors"], [tmp / "r.safetensors", "not a regular file"]
+
+
+@case
 def run_config_is_a_fifo(w, tmp):
     os.mkfifo(tmp / "spin.yaml")
     return ["run", tmp / "spin.yaml"], [tmp / "spin.yaml", "not a regular file"]

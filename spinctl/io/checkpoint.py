@@ -108,6 +108,7 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
 def read_shard(path: Path) -> Shard:
     """Parse and validate a safetensors header (docs/design.md §13); reads only the header bytes."""
     path = Path(path)
+    untrusted.require_regular(path)  # a FIFO would block the read forever
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
