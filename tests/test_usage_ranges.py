@@ -16,6 +16,7 @@ SELECT = ["select", "--retain", "r.safetensors", "--couple", "c.safetensors", "-
 PATCH = ["patch", "no-model", "out", "--retain", "r.safetensors", "--couple", "c.safetensors"]
 EVAL = ["eval", "no-model", "--prompts", "builtin:eval_prompts"]
 PPL = ["ppl", "no-model", "no-text.txt"]
+EVAL_PAIRS = ["eval", "no-model", "--pairs", "s.csv", "u.csv"]
 SWEEP = ["sweep", "no-model", "--retain", "r.safetensors", "--couple", "c.safetensors", "--pairs", "s.csv", "u.csv"]
 SWEEP += ["--ppl-data", "t.txt", "--p", "0.1", "--q", "0.1"]
 
@@ -40,6 +41,10 @@ CASES = {
     "eval_dtype_int8": (EVAL + ["--dtype", "int8"], "--dtype"),
     "ppl_seqlen_1": (PPL + ["--seqlen", "1"], "--seqlen"),
     "ppl_device_tpu": (PPL + ["--device", "tpu"], "--device"),
+    "ppl_rows_0": (PPL + ["--rows", "0"], "--rows"),  # once exit 1, naming sweep's --ppl-rows
+    "ppl_max_length_negative": (PPL + ["--max-length", "-3"], "--max-length"),  # once accepted
+    "eval_pairs_limit_0": (EVAL_PAIRS + ["--pairs-limit", "0"], "--pairs-limit"),
+    "eval_resamples_0": (EVAL_PAIRS + ["--resamples", "0"], "--resamples"),
     "sweep_resamples_0": (SWEEP + ["--resamples", "0"], "--resamples"),  # once a traceback after the whole sweep
     "sweep_max_length_negative": (SWEEP + ["--max-length", "-3"], "--max-length"),  # once accepted
     "sweep_p_2": (SWEEP[:-4] + ["--p", "2", "--q", "0.1"], "--p"),

@@ -160,6 +160,8 @@ def perplexity(
         raise UsageError(f"--seqlen must be at least 2, got {seqlen}")
     if batch_size is not None and batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    if rows < 1 or max_length < 2:  # load_ppl_data's own check would name sweep's --ppl-rows
+        raise UsageError(f"--rows must be at least 1 and --max-length at least 2, got {rows} and {max_length}")
     check_device(device)
     if dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")

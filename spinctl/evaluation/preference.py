@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spinctl.errors import InputError
+from spinctl.errors import InputError, UsageError
 from spinctl.evaluation.heldout import Calibrated, picked_rows, read_calibrated
 
 Progress = Callable[[int], None]
@@ -195,18 +195,18 @@ class PreferenceConfig:
 
     def __post_init__(self):
         if self.limit is not None and self.limit < 1:
-            raise InputError(f"--pairs-limit must be at least 1, got {self.limit}")
+            raise UsageError(f"--pairs-limit must be at least 1, got {self.limit}")
         if not self.pairs:
             raise InputError("give at least one --pairs SAFE UNSAFE")
         for pair in self.pairs:
             if len(pair) != 2:
                 raise InputError(f"--pairs takes two files, SAFE then UNSAFE, got {len(pair)}")
         if self.batch_size < 1:
-            raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
+            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.max_length < 2:
-            raise InputError(f"--max-length must be at least 2, got {self.max_length}")
+            raise UsageError(f"--max-length must be at least 2, got {self.max_length}")
         if self.resamples < 1:
-            raise InputError(f"--resamples must be at least 1, got {self.resamples}")
+            raise UsageError(f"--resamples must be at least 1, got {self.resamples}")
 
 
 def load_pair_sets(
