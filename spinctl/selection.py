@@ -9,8 +9,8 @@ import numpy as np
 
 from spinctl.config import Mode, SelectConfig
 from spinctl.errors import InputError, OutputError
-from spinctl.io.files import file_sha256
-from spinctl.io.formats import ScoreFile, read_scores, top_count, write_selection
+from spinctl.io.files import file_sha256, refuse_input_as_output
+from spinctl.io.formats import ScoreFile, check_replaceable, read_scores, top_count, write_selection
 
 
 def _top_set(f: ScoreFile, name: str, fraction: float) -> np.ndarray:
@@ -130,12 +130,12 @@ def select_to_file(cfg: SelectConfig, output: Path) -> dict:
         (elements in all) and `per_tensor` (tensor name -> selected count).
 
     Raises:
-        OutputError: `output` is one of the input score files, or it or its directory
-            cannot be written.
+        OutputError: `output` is one of the input score files, an existing file that is not
+            a selection file, or it or its directory cannot be written.
         InputError: As `run_select`.
     """
-    if any(Path(output).resolve() == Path(f).resolve() for f in (cfg.retain, *cfg.couple)):
-        raise OutputError(f"{output}: is one of the input score files; choose another output name")
+    refuse_input_as_output(output, (cfg.retain, *cfg.couple))  # also through a symlink or a hard link
+    check_replaceable(output, "selection")
     selected, meta = run_select(cfg)
     try:  # as `score -o`: missing parent directories are made, once there is something to write
         Path(output).parent.mkdir(parents=True, exist_ok=True)

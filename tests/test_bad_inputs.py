@@ -1003,6 +1003,29 @@ def manifest_hashes_a_string_verify(w, tmp):
     return ["verify", d], [d / "spin-manifest.json", "hashes"]
 
 
+@case
+def select_output_over_the_model_weights(w, tmp):
+    """A mistyped -o once replaced the model's weights with a selection file."""
+    m = w.model(tmp)
+    weights = shards(m)[0]
+    return w.select_argv(tmp, w.file(tmp, "r"), w.file(tmp, "c"))[:-1] + [weights], [weights, "not a spinctl selection"]
+
+
+@case
+def exclude_with_a_negative_seed(w, tmp):
+    r = w.file(tmp, "r")
+
+    def negative(header):
+        meta = json.loads(header["__metadata__"]["spinctl"])
+        meta["seed"] = -1  # once a numpy ValueError traceback
+        header["__metadata__"]["spinctl"] = json.dumps(meta)
+
+    edit_header(r, negative)
+    text = tmp / "rows.csv"
+    text.write_text("prompt,response\na,b\n")
+    return ["ppl", w.model(tmp), text, "--exclude", r], [r, "seed"]
+
+
 # ---- inputs that are not regular files: a FIFO once blocked the read forever ------------------------
 
 

@@ -292,14 +292,17 @@ def test_bad_inputs(tiny_model, data_csv, tmp_path):
         (lambda: run(model, data_csv, model / "config.json"), "config.json: is a file of the model directory"),
         (lambda: run(model, data_csv, linked), "linked.csv: is an input of this command .*calib.csv"),
         (lambda: run(model, data_csv, data_csv / "s.safetensors"), "calib.csv is not a directory"),
+        (lambda: run(model, data_csv, notes), "notes.txt: exists and is not a spinctl scores file"),
     ]
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a score file: -o must not replace it")
     linked = tmp_path / "linked.csv"
     os.link(data_csv, linked)  # a second name of the data file: writing there would replace the data
     config = (model / "config.json").read_bytes()
     for call, pattern in cases:
         with pytest.raises(SpinctlError, match=pattern):
             call()
-    assert not out.exists() and (model / "config.json").read_bytes() == config
+    assert not out.exists() and (model / "config.json").read_bytes() == config and notes.read_text().startswith("not")
 
 
 def test_renamed_checkpoint_tensor_is_refused(tiny_model, model_copy, data_csv, tmp_path):

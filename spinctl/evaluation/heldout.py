@@ -39,7 +39,8 @@ def read_calibrated(path: str | Path) -> Calibrated:
         )
     fields = {"dataset_sha256": str, "dataset_rows": int, "nsamples": int, "seed": int}
     for key, typ in fields.items():
-        if not isinstance(meta.get(key), typ) or isinstance(meta.get(key), bool):
+        v = meta.get(key)
+        if not isinstance(v, typ) or isinstance(v, bool) or (typ is int and v < 0):  # a seed of -1 broke numpy
             raise InputError(f"{path}: metadata lacks a valid {key}; rescore it with this spinctl")
     return Calibrated(
         path, str(meta.get("method", "?")), meta["dataset_sha256"], meta["dataset_rows"], meta["nsamples"], meta["seed"]

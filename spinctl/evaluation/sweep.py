@@ -31,9 +31,9 @@ def parse_budget(text: str | float) -> float:
     try:
         value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
     except ValueError:
-        raise InputError(f"--max-ppl-increase {text!r}: expected a fraction (0.02) or a percentage (2%)") from None
+        raise UsageError(f"--max-ppl-increase {text!r}: expected a fraction (0.02) or a percentage (2%)") from None
     if not (value >= 0 and np.isfinite(value)):
-        raise InputError(f"--max-ppl-increase {text!r} must be a non-negative number")
+        raise UsageError(f"--max-ppl-increase {text!r} must be a non-negative number")
     return value
 
 

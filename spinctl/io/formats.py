@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from spinctl import __version__
-from spinctl.errors import InputError
+from spinctl.errors import InputError, OutputError
 from spinctl.io import untrusted
 from spinctl.io.checkpoint import read_shard
 from spinctl.io.files import atomic_write_bytes
@@ -117,6 +117,21 @@ def write_selection(path: Path, selected: dict[str, np.ndarray], meta: dict) -> 
     meta = {k: meta[k] for k in SELECTION_KEYS} | {k: v for k, v in meta.items() if k not in SELECTION_KEYS}
     arrays = {f"indices/{n}": np.ascontiguousarray(a, dtype=np.int64) for n, a in selected.items()}
     _save(path, arrays, meta)
+
+
+def check_replaceable(path: Path, kind: str, flag: str = "-o") -> None:
+    """An existing output is replaced only when it is a spinctl file of the same kind: an -o
+    pointed at model weights, a manifest or a FIFO by mistake must not destroy it."""
+    p = Path(path)
+    if not p.exists() or p.is_dir():  # new, or a directory: the writers say what that means
+        return
+    try:
+        meta = untrusted.loads((read_shard(p).metadata or {})["spinctl"])
+        same = isinstance(meta, dict) and meta.get("kind") == kind
+    except (InputError, KeyError, ValueError):
+        same = False
+    if not same:
+        raise OutputError(f"{path}: exists and is not a spinctl {kind} file; remove it or choose another {flag}")
 
 
 def _load(path: Path, kind: str, keys: tuple[str, ...]) -> tuple[dict, dict[str, np.ndarray]]:

@@ -11,7 +11,7 @@ from spinctl.config import Method, ScoreConfig
 from spinctl.errors import OutputError, SpinctlError
 from spinctl.io.checkpoint import open_checkpoint
 from spinctl.io.files import check_creatable, refuse_input_as_output
-from spinctl.io.formats import keep_count
+from spinctl.io.formats import check_replaceable, keep_count
 from spinctl.runtime import LoadedModel, load_model
 from spinctl.scoring import data as data_mod
 from spinctl.scoring import distributed
@@ -273,6 +273,7 @@ def _score(cfg: ScoreConfig, progress: Progress | None, loaded: LoadedModel | No
     inputs = [rows.path, *(s.path for s in ckpt.shards), *([ckpt.index_path] if ckpt.index_path else [])]
     refuse_input_as_output(cfg.output, inputs, [cfg.model] if cfg.model.is_dir() else [])
     check_creatable(cfg.output, "the score file")
+    check_replaceable(cfg.output, "scores")
     # First synchronisation point: a rank that failed to read is heard before the model loads.
     distributed.agree(ctx, " (data or model)", data_sha256=rows.sha256, model_fingerprint=ckpt.fingerprint())
     if cfg.stream:  # one decoder layer at a time, read from the shards; `loaded` is not used
