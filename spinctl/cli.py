@@ -70,7 +70,14 @@ def _progress(json_out: bool, quiet: bool, unit: str = "bytes"):
 @app.command()
 @with_options(SelectConfig)
 def select(
-    output: Annotated[Path, typer.Option("--output", "-o", help="Selection file to write (.safetensors).")],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Selection file to write (.safetensors): new, or an earlier selection file (replaced).",
+        ),
+    ],
     retain: RetainOpt = None,
     couple: CoupleOpt = None,
     opts: dict = None,
@@ -255,7 +262,12 @@ def score(
     data: Annotated[
         str, typer.Argument(help="Calibration CSV/JSONL with prompt and response columns, or builtin:NAME.")
     ],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Score file to write (.safetensors).")],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output", "-o", help="Score file to write (.safetensors): new, or an earlier score file (replaced)."
+        ),
+    ],
     opts: dict = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
