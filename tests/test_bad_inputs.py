@@ -1117,14 +1117,26 @@ def sweep_csv_under_a_file(w, tmp):
 # ---- running them ----------------------------------------------------------------------------
 
 
+def selected_cases(request, test: str) -> set[str]:
+    """The `name` parameters of this session's items of `test`: only those cases get built and run."""
+    return {
+        item.callspec.params["name"] for item in request.session.items if getattr(item, "originalname", None) == test
+    }
+
+
+def run_cases(prepared: dict, workers: int) -> dict:
+    """`prepared`: name -> (cwd, argv, *rest), or the exception its builder raised (kept, raised
+    again by that case's own test). Runs every argv at once, `workers` at a time: each is mostly
+    interpreter start-up. Returns name -> (cwd, argv, *rest, CompletedProcess)."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        runs = {n: pool.submit(cli, *p[1], cwd=p[0]) for n, p in prepared.items() if not isinstance(p, BaseException)}
+        return {n: p if isinstance(p, BaseException) else (*p, runs[n].result()) for n, p in prepared.items()}
+
+
 @pytest.fixture(scope="module")
 def outcomes(world, tmp_path_factory, request) -> dict:
-    """Build every selected case in its own dir, then run the CLIs concurrently: each is ~0.5 s of interpreter start-up."""
-    selected = {
-        item.callspec.params["name"]
-        for item in request.session.items
-        if getattr(item, "originalname", None) == "test_bad_input"
-    }
+    """Build every selected case in its own dir, then run the CLIs concurrently."""
+    selected = selected_cases(request, "test_bad_input")
     prepared = {}
     for name, (build, code) in CASES.items():
         if name not in selected:
@@ -1136,9 +1148,7 @@ def outcomes(world, tmp_path_factory, request) -> dict:
             prepared[name] = e
             continue
         prepared[name] = (tmp, argv, expect, code, tree(tmp))
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        runs = {n: pool.submit(cli, *p[1], cwd=p[0]) for n, p in prepared.items() if not isinstance(p, Exception)}
-        return {n: p if isinstance(p, Exception) else (*p, runs[n].result()) for n, p in prepared.items()}
+    return run_cases(prepared, min(4, os.cpu_count() or 1))
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

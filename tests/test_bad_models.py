@@ -11,13 +11,12 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
-from clirun import cli
 from conftest import TEXTS
+from test_bad_inputs import assert_clean_failure, run_cases, selected_cases
 
 from spinctl.errors import InputError
 from spinctl.io.checkpoint import read_shard
@@ -405,11 +404,7 @@ def gguf_head_count_zero_convert(s, tmp):
 
 @pytest.fixture(scope="module")
 def outcomes(tiny_model, tmp_path_factory, request) -> dict:
-    selected = {
-        item.callspec.params["name"]
-        for item in request.session.items
-        if getattr(item, "originalname", None) == "test_bad_model"
-    }
+    selected = selected_cases(request, "test_bad_model")
     src = Src(tiny_model())
     prepared = {}
     for name in sorted(selected):
@@ -419,9 +414,7 @@ def outcomes(tiny_model, tmp_path_factory, request) -> dict:
             prepared[name] = (tmp, argv, expect, sorted(p.name for p in tmp.iterdir()))
         except BaseException as e:  # noqa: BLE001 - reported by the case's own test (a skip included)
             prepared[name] = e
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        runs = {n: pool.submit(cli, *p[1], cwd=p[0]) for n, p in prepared.items() if not isinstance(p, BaseException)}
-        return {n: p if isinstance(p, BaseException) else (*p, runs[n].result()) for n, p in prepared.items()}
+    return run_cases(prepared, 2)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -429,15 +422,8 @@ def test_bad_model(outcomes, name):
     if isinstance(outcomes[name], BaseException):
         raise outcomes[name]
     tmp, argv, expect, before, r = outcomes[name]
-    both = r.stdout + r.stderr
-    for noise in NOISE:
-        assert noise not in both, both
-    assert r.returncode == 1, both
-    assert r.stdout == "", both
-    lines = r.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), f"want exactly one error line, got {r.stderr!r}"
-    for want in expect:
-        assert str(want) in lines[0], f"{want} not named in {lines[0]!r}"
+    assert_clean_failure(r, ["error: ", *expect])
+    assert not any(noise in r.stderr for noise in NOISE), r.stderr
     assert sorted(p.name for p in tmp.iterdir()) == before  # no output left behind
 
 

@@ -83,7 +83,7 @@ def convert_gguf(gguf_file: Path, output: Path, dtype: str = "float32", max_shar
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
     from transformers.utils import logging as hf_logging
 
-    from spinctl.runtime import quiet_transformers
+    from spinctl.load_errors import quiet_transformers
 
     t0 = time.perf_counter()
     if dtype not in DTYPES:
