@@ -269,28 +269,26 @@ def config_hidden_size_string_eval(s, tmp):
     return ["eval", m, "--prompts", prompts(tmp), *EVAL], [m, "cannot load as a causal language model", "hidden_size"]
 
 
+def _heads(s, tmp, heads: int, says: str, *extra):
+    m = s.copy(tmp)
+    edit_json(m / "config.json", num_attention_heads=heads)
+    argv = ["score", m, data(tmp), "-o", tmp / "s.safetensors", *SCORE, *extra]
+    return argv, [m, "cannot load as a causal language model", says]
+
+
 @case
 def config_heads_not_dividing_score(s, tmp):
-    m = s.copy(tmp)
-    edit_json(m / "config.json", num_attention_heads=3)
-    argv = ["score", m, data(tmp), "-o", tmp / "s.safetensors", *SCORE]
-    return argv, [m, "cannot load as a causal language model", "attention heads (3)"]
+    return _heads(s, tmp, 3, "attention heads (3)")
 
 
 @case
 def config_heads_zero_score(s, tmp):
-    m = s.copy(tmp)
-    edit_json(m / "config.json", num_attention_heads=0)
-    argv = ["score", m, data(tmp), "-o", tmp / "s.safetensors", *SCORE]
-    return argv, [m, "cannot load as a causal language model", "num_attention_heads is 0"]
+    return _heads(s, tmp, 0, "num_attention_heads is 0")
 
 
 @case
 def config_heads_zero_stream(s, tmp):
-    m = s.copy(tmp)
-    edit_json(m / "config.json", num_attention_heads=0)
-    argv = ["score", m, data(tmp), "-o", tmp / "s.safetensors", *SCORE, "--stream"]
-    return argv, [m, "cannot load as a causal language model", "num_attention_heads is 0"]
+    return _heads(s, tmp, 0, "num_attention_heads is 0", "--stream")
 
 
 # 5. generation_config.json whose token ids are not ids
