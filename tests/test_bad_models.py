@@ -3,7 +3,9 @@ weights that do not tile their file or do not match the config, text JSON cannot
 
 Each gets exit 1 and one line on stderr naming the file and the reason: no traceback, no transformers
 warning or LOAD REPORT lines before it. `outcomes` builds every selected case, then runs the
-`python -m spinctl` processes two at a time (interpreter and torch start-up dominate).
+`python -m spinctl` processes two at a time (interpreter and torch start-up dominate). One
+command per code path: the `~user` parser, the row reader and the chat-template renderer are
+shared by every command that uses them, so a case per command would only add start-ups.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from spinctl.io.checkpoint import read_shard
 NOUSER = "~nosuchuser_spinctl_test/model"  # expanduser cannot expand it: there is no such user
 SCORE = ["--nsamples", "4", "--device", "cpu", "--max-length", "64"]
 EVAL = ["--device", "cpu", "--limit", "2", "--max-new-tokens", "4"]
-PAIRS = ["--device", "cpu", "--pairs-limit", "4", "--resamples", "10"]
 PPL = ["--device", "cpu", "--rows", "4"]
 # What transformers prints on its own when it is not kept quiet: none of it may reach stderr.
 NOISE = ("Traceback", "[transformers]", "LOAD REPORT", "above report")
@@ -120,45 +121,9 @@ def tilde_user_score(s, tmp):
     return ["score", NOUSER, data(tmp), "-o", tmp / "s.safetensors", *SCORE], [NOUSER]
 
 
-def scores(s: Src, tmp: Path) -> tuple[Path, Path]:
-    from fakes import fake_scores
-
-    return fake_scores(s.model, tmp / "r.safetensors", 0), fake_scores(s.model, tmp / "c.safetensors", 1)
-
-
-@case
-def tilde_user_patch(s, tmp):
-    from spinctl.io.formats import write_selection
-    from spinctl.selection import SelectConfig, run_select
-
-    indices, meta = run_select(SelectConfig(*scores(s, tmp)[:1], scores(s, tmp)[1:], 0.01, 0.02))
-    write_selection(tmp / "sel.safetensors", indices, meta)
-    return ["patch", NOUSER, tmp / "out", "-s", tmp / "sel.safetensors"], [NOUSER]
-
-
-@case
-def tilde_user_eval(s, tmp):
-    return ["eval", NOUSER, "--prompts", prompts(tmp), *EVAL], [NOUSER]
-
-
 @case
 def tilde_user_eval_compare(s, tmp):
     return ["eval", s.copy(tmp), "--prompts", prompts(tmp), "--compare", NOUSER, *EVAL], [NOUSER]
-
-
-@case
-def tilde_user_ppl(s, tmp):
-    return ["ppl", NOUSER, data(tmp), *PPL], [NOUSER]
-
-
-@case
-def tilde_user_sweep(s, tmp):
-    r, c = scores(s, tmp)
-    safe = write_rows(tmp / "safe.csv", pairs(4))
-    unsafe = write_rows(tmp / "unsafe.csv", [{"prompt": p["prompt"], "response": "no"} for p in pairs(4)])
-    opts = ["--p", "0.01", "--q", "0.02", "--ppl-rows", "4", "--device", "cpu", "--quiet"]
-    argv = ["sweep", NOUSER, "--retain", r, "--couple", c, "--pairs", safe, unsafe, "--ppl-data", data(tmp), *opts]
-    return argv, [NOUSER]
 
 
 # 2. lone surrogates, which JSON can spell and no tokenizer takes
@@ -177,28 +142,9 @@ def surrogate_in_prompt_score(s, tmp):
 
 
 @case
-def surrogate_in_response_score(s, tmp):
-    f = surrogate_rows(tmp, "response")
-    return ["score", s.copy(tmp), f, "-o", tmp / "s.safetensors", *SCORE], [f, "row 3", "'response'", "Unicode"]
-
-
-@case
 def surrogate_in_eval_prompts(s, tmp):
     f = write_rows(tmp / "p.jsonl", [{"questions": "hi there"}, {"questions": "hi \udfff there"}])
     return ["eval", s.copy(tmp), "--prompts", f, *EVAL], [f, "row 2", "Unicode"]
-
-
-@case
-def surrogate_in_eval_pairs(s, tmp):
-    safe = write_rows(tmp / "s.jsonl", [{"prompt": "a", "response": "x \ud800"}])
-    unsafe = write_rows(tmp / "u.jsonl", [{"prompt": "a", "response": "y"}])
-    return ["eval", s.copy(tmp), "--pairs", safe, unsafe, *PAIRS], [safe, "row 1", "Unicode"]
-
-
-@case
-def surrogate_in_ppl_rows(s, tmp):
-    f = surrogate_rows(tmp, "response")
-    return ["ppl", s.copy(tmp), f, *PPL], [f, "row 3", "Unicode"]
 
 
 # 3. chat templates that do not render
@@ -217,22 +163,9 @@ def chat_template_syntax_error_score(s, tmp):
 
 
 @case
-def chat_template_raises_score(s, tmp):
-    m = template(s.copy(tmp), "{{ raise_exception('no system role here') }}")
-    argv = ["score", m, data(tmp), "-o", tmp / "s.safetensors", *SCORE, "--chat-template"]
-    return argv, [m, "chat template cannot be applied", "no system role here"]
-
-
-@case
 def chat_template_raises_eval(s, tmp):
     m = template(s.copy(tmp), "{{ raise_exception('nope') }}")
     return ["eval", m, "--prompts", prompts(tmp), *EVAL], [m, "chat template cannot be applied", "nope"]
-
-
-@case
-def chat_template_syntax_error_ppl(s, tmp):
-    m = template(s.copy(tmp), "{% if %}")
-    return ["ppl", m, data(tmp), *PPL], [m, "chat template cannot be applied"]
 
 
 @case
@@ -260,13 +193,6 @@ def config_hidden_size_string_stream(s, tmp):
     edit_json(m / "config.json", hidden_size="abc")
     argv = ["score", m, data(tmp), "-o", tmp / "s.safetensors", *SCORE, "--stream"]
     return argv, [m, "cannot load as a causal language model", "hidden_size"]
-
-
-@case
-def config_hidden_size_string_eval(s, tmp):
-    m = s.copy(tmp)
-    edit_json(m / "config.json", hidden_size="abc")
-    return ["eval", m, "--prompts", prompts(tmp), *EVAL], [m, "cannot load as a causal language model", "hidden_size"]
 
 
 def _heads(s, tmp, heads: int, says: str, *extra):
@@ -310,13 +236,6 @@ def weights_gap_score(s, tmp):
     drop_tensor(m / "model.safetensors", "model.layers.0.mlp.up_proj.weight")
     argv = ["score", m, data(tmp), "-o", tmp / "s.safetensors", *SCORE]
     return argv, [m / "model.safetensors", "no tensor covers"]
-
-
-@case
-def weights_gap_eval(s, tmp):
-    m = s.copy(tmp)
-    drop_tensor(m / "model.safetensors", "model.layers.0.post_attention_layernorm.weight")
-    return ["eval", m, "--prompts", prompts(tmp), *EVAL], [m / "model.safetensors", "no tensor covers"]
 
 
 # 7. config and weights that disagree: one self-contained line, no LOAD REPORT table before it
