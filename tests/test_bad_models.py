@@ -23,6 +23,7 @@ from test_bad_inputs import assert_clean_failure, run_cases, selected_cases
 from spinctl.errors import InputError
 from spinctl.io.checkpoint import read_shard
 
+LOAD = "cannot load as a causal language model"  # the one line of a model transformers refuses
 NOUSER = "~nosuchuser_spinctl_test/model"  # expanduser cannot expand it: there is no such user
 SCORE = ["--nsamples", "4", "--device", "cpu", "--max-length", "64"]
 EVAL = ["--device", "cpu", "--limit", "2", "--max-new-tokens", "4"]
@@ -176,45 +177,45 @@ def chat_template_in_tokenizer_config_eval(s, tmp):
     return ["eval", m, "--prompts", prompts(tmp), *EVAL], [m, "chat template cannot be applied"]
 
 
+def scored_with_config(s, tmp, edits: dict, expect: list, *extra):
+    """`score` on a copy of the model whose config.json has `edits`; the error line must hold `expect`."""
+    m = s.copy(tmp)
+    edit_json(m / "config.json", **edits)
+    return ["score", m, data(tmp), "-o", tmp / "s.safetensors", *SCORE, *extra], [m, *expect]
+
+
 # 4. config.json values transformers refuses
 
 
 @case
 def config_hidden_size_string_score(s, tmp):
-    m = s.copy(tmp)
-    edit_json(m / "config.json", hidden_size="abc")
-    argv = ["score", m, data(tmp), "-o", tmp / "s.safetensors", *SCORE]
-    return argv, [m, "cannot load as a causal language model", "hidden_size"]
+    return scored_with_config(s, tmp, {"hidden_size": "abc"}, [LOAD, "hidden_size"])
 
 
 @case
 def config_hidden_size_string_stream(s, tmp):
-    m = s.copy(tmp)
-    edit_json(m / "config.json", hidden_size="abc")
-    argv = ["score", m, data(tmp), "-o", tmp / "s.safetensors", *SCORE, "--stream"]
-    return argv, [m, "cannot load as a causal language model", "hidden_size"]
-
-
-def _heads(s, tmp, heads: int, says: str, *extra):
-    m = s.copy(tmp)
-    edit_json(m / "config.json", num_attention_heads=heads)
-    argv = ["score", m, data(tmp), "-o", tmp / "s.safetensors", *SCORE, *extra]
-    return argv, [m, "cannot load as a causal language model", says]
+    return scored_with_config(s, tmp, {"hidden_size": "abc"}, [LOAD, "hidden_size"], "--stream")
 
 
 @case
 def config_heads_not_dividing_score(s, tmp):
-    return _heads(s, tmp, 3, "attention heads (3)")
+    return scored_with_config(s, tmp, {"num_attention_heads": 3}, [LOAD, "attention heads (3)"])
 
 
 @case
 def config_heads_zero_score(s, tmp):
-    return _heads(s, tmp, 0, "num_attention_heads is 0")
+    return scored_with_config(s, tmp, {"num_attention_heads": 0}, [LOAD, "num_attention_heads is 0"])
 
 
 @case
 def config_heads_zero_stream(s, tmp):
-    return _heads(s, tmp, 0, "num_attention_heads is 0", "--stream")
+    return scored_with_config(
+        s,
+        tmp,
+        {"num_attention_heads": 0},
+        [LOAD, "num_attention_heads is 0"],
+        "--stream",
+    )
 
 
 # 5. generation_config.json whose token ids are not ids
@@ -243,18 +244,17 @@ def weights_gap_score(s, tmp):
 
 @case
 def config_intermediate_mismatch_score(s, tmp):
-    m = s.copy(tmp)
-    edit_json(m / "config.json", intermediate_size=100)
-    argv = ["score", m, data(tmp), "-o", tmp / "s.safetensors", *SCORE]
-    return argv, [m, "mlp.down_proj.weight is [64, 160] in the checkpoint but config.json makes it [64, 100]"]
+    return scored_with_config(
+        s,
+        tmp,
+        {"intermediate_size": 100},
+        ["mlp.down_proj.weight is [64, 160] in the checkpoint but config.json makes it [64, 100]"],
+    )
 
 
 @case
 def config_more_layers_score(s, tmp):
-    m = s.copy(tmp)
-    edit_json(m / "config.json", num_hidden_layers=4)
-    argv = ["score", m, data(tmp), "-o", tmp / "s.safetensors", *SCORE]
-    return argv, [m, "lacks 18 weight(s)", "model.layers.2."]
+    return scored_with_config(s, tmp, {"num_hidden_layers": 4}, ["lacks 18 weight(s)", "model.layers.2."])
 
 
 @case
@@ -277,18 +277,17 @@ def weights_transposed_eval(s, tmp):
 
 @case
 def config_unknown_model_type_score(s, tmp):
-    m = s.copy(tmp)
-    edit_json(m / "config.json", model_type="nosucharch")
-    argv = ["score", m, data(tmp), "-o", tmp / "s.safetensors", *SCORE]
-    return argv, [m, "cannot load as a causal language model", "nosucharch"]
+    return scored_with_config(s, tmp, {"model_type": "nosucharch"}, [LOAD, "nosucharch"])
 
 
 @case
 def config_unknown_rope_type_score(s, tmp):
-    m = s.copy(tmp)
-    edit_json(m / "config.json", rope_parameters={"rope_type": "nosuch", "rope_theta": 10000.0, "factor": 2.0})
-    argv = ["score", m, data(tmp), "-o", tmp / "s.safetensors", *SCORE]
-    return argv, [m, "cannot load as a causal language model", "unknown rope_type 'nosuch'"]
+    return scored_with_config(
+        s,
+        tmp,
+        {"rope_parameters": {"rope_type": "nosuch", "rope_theta": 10000.0, "factor": 2.0}},
+        [LOAD, "unknown rope_type 'nosuch'"],
+    )
 
 
 # 8. GGUF hyperparameters that would divide by zero
